@@ -1,0 +1,243 @@
+"""The canonical model: a spec, canonical tensors, and where they came from.  ``load`` reads any supported
+checkpoint into it; ``save`` writes it out in any family's layout."""
+
+from __future__ import annotations
+
+import collections.abc
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .checkpoint import (PlannedTensor, TensorReader, atomic_folder, carry_files, read_config, resolve_source,
+                         write_sharded)
+from .descriptors import QUANTISATION_SUFFIXES, Descriptor, Mapping, detect_family, get_descriptor, shape_to_disk
+from .errors import LigoError
+from .spec import Spec
+
+
+class LazyTensors(collections.abc.Mapping):
+    """Canonical tensors read from a checkpoint on first use, checked to be finite, never all held at once."""
+
+    def __init__(self, reader: TensorReader, mapping: Mapping, check_finite: bool = True):
+        self.reader = reader
+        self.locations = mapping.locations
+        self.check_finite = check_finite
+        self._last: tuple[str, torch.Tensor] | None = None  # fused tensors feed several names in a row
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        loc = self.locations[name]
+        if self._last is not None and self._last[0] == loc.key:
+            disk = self._last[1]
+        else:
+            disk = self.reader.get(loc.key)
+            if self.check_finite and disk.is_floating_point() and not torch.isfinite(disk).all():
+                raise LigoError(f"{self.reader.file_of(loc.key)}: tensor {loc.key} has NaN or infinite values; "
+                                f"the checkpoint is damaged — use an earlier copy")
+            self._last = (loc.key, disk) if loc.fused else None
+        return loc.extract(disk)
+
+    def __iter__(self):
+        return iter(self.locations)
+
+    def __len__(self):
+        return len(self.locations)
+
+    def meta(self, name: str) -> tuple[tuple, torch.dtype]:
+        loc = self.locations[name]
+        return loc.canonical_shape(self.reader.shape(loc.key)), self.reader.dtype(loc.key)
+
+
+@dataclass
+class CanonicalModel:
+    """A model in canonical form.  ``tensors`` maps canonical names to tensors (possibly read lazily)."""
+
+    spec: Spec
+    tensors: collections.abc.Mapping
+    family: str
+    config: dict = field(default_factory=dict)  # the config it was read from, in its family's terms
+    source: Path | None = None
+    mapping: Mapping | None = None
+    reader: TensorReader | None = None
+
+    def meta(self, name: str) -> tuple[tuple, torch.dtype]:
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.meta(name)
+        t = self.tensors[name]
+        return tuple(t.shape), t.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta(next(iter(self.spec.tensor_names())))[1]
+
+    def materialize(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every canonical tensor in memory (optionally cast)."""
+        out = {}
+        for name in self.spec.tensor_names():
+            t = self.tensors[name]
+            out[name] = t.to(dtype) if dtype is not None else t.clone()
+        return out
+
+    def parameter_count(self) -> int:
+        return self.spec.parameter_count()
+
+    def report(self) -> dict:
+        """The mapping report: every source tensor and the canonical name(s) it feeds, plus what was dropped,
+        left unmapped, or is missing."""
+        if self.mapping is None:
+            return {}
+        by_key = self.mapping.by_key()
+        expected = set(self.spec.tensor_names()) if self.spec else set()
+        rows = []
+        for key in self.reader.keys():
+            rows.append({"key": key, "shape": list(self.reader.shape(key)), "dtype": str(self.reader.dtype(key))
+                         .removeprefix("torch."), "canonical": sorted(by_key.get(key, []))})
+        return {
+            "prefix": self.mapping.prefix,
+            "tensors": rows,
+            "dropped": self.mapping.dropped,
+            "unmapped": self.mapping.unmapped,
+            "missing": sorted(expected - set(self.mapping.locations)),
+            "renamed": self.mapping.renamed,
+        }
+
+
+def load(source, family: str | None = None, strict: bool = True) -> CanonicalModel:
+    """Read a checkpoint (folder, zoo name or hub id) into canonical form.
+
+    With ``strict`` (the default) unmapped, missing or mis-shaped tensors raise :class:`LigoError`; ``inspect``
+    passes ``strict=False`` to report them instead.
+    """
+    folder = resolve_source(source)
+    config = read_config(folder)
+    reader = TensorReader(folder)
+    keys = reader.keys()
+    for key in keys:
+        if key.endswith(QUANTISATION_SUFFIXES):
+            raise LigoError(f"{reader.file_of(key)}: tensor {key} is a quantisation side tensor; ligo-convert "
+                            f"needs unquantised weights — dequantise the checkpoint first")
+    descriptor = get_descriptor(family) if family else detect_family(config, keys, str(folder))
+    mapping = descriptor.match(keys)
+    if mapping.unmapped and strict:
+        n = len(mapping.unmapped)
+        raise LigoError(f"{reader.file_of(mapping.unmapped[0])}: tensor {mapping.unmapped[0]} "
+                        f"{'(and ' + str(n - 1) + ' more) ' if n > 1 else ''}is not part of a {descriptor.name} "
+                        f"model; run `ligo-convert inspect` to list them, or remove them from the file")
+    where = {name: loc.key for name, loc in mapping.locations.items()}
+    shapes = {name: loc.canonical_shape(reader.shape(loc.key)) for name, loc in mapping.locations.items()}
+    for key in mapping.locations.values():
+        dtype = reader.dtype(key.key)
+        if not dtype.is_floating_point:
+            raise LigoError(f"{reader.file_of(key.key)}: tensor {key.key} is {dtype}, not floating point; "
+                            f"quantised or integer weights cannot be grown — dequantise first")
+    spec = descriptor.infer_spec(config, shapes, where)
+    model = CanonicalModel(spec, LazyTensors(reader, mapping), descriptor.name, config, folder, mapping, reader)
+    if strict:
+        check_complete(model, descriptor)
+    return model
+
+
+def check_complete(model: CanonicalModel, descriptor: Descriptor) -> None:
+    spec = model.spec
+    present = set(model.mapping.locations)
+    for name in spec.tensor_names():
+        if name not in present:
+            layout = descriptor.file_layout([name], model.mapping.prefix)
+            raise LigoError(f"{model.source}: tensor {next(iter(layout))} is missing (a {descriptor.name} model "
+                            f"with this config needs it); the checkpoint is incomplete")
+        shape, _ = model.meta(name)
+        if tuple(shape) != spec.shape_of(name):
+            key = model.mapping.locations[name].key
+            raise LigoError(f"{model.source}: tensor {key} has shape {tuple(shape)}, expected "
+                            f"{spec.shape_of(name)} from the config")
+    extra = sorted(present - set(spec.tensor_names()))
+    if extra:
+        key = model.mapping.locations[extra[0]].key
+        raise LigoError(f"{model.source}: tensor {key} does not fit this {descriptor.name} config; remove it or fix "
+                        f"the config")
+
+
+def from_tensors(spec: Spec, tensors: dict[str, torch.Tensor], family: str, config: dict | None = None,
+                 source: Path | None = None) -> CanonicalModel:
+    """A canonical model from tensors in memory (e.g. a grown model)."""
+    return CanonicalModel(spec, tensors, family, dict(config or {}), source)
+
+
+def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dtype | None = None,
+         shard_size: int | str = "5GB", overwrite: bool = False, extra_files: dict[str, str] | None = None,
+         progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``model`` to folder ``out`` in ``family``'s layout (default: the family it came from), atomically."""
+    descriptor = get_descriptor(family or model.family)
+    spec = model.spec
+    reason = descriptor.supports(spec)
+    if reason:
+        raise LigoError(f"cannot write this model as {descriptor.name}: {reason}")
+    same_family = descriptor.name == model.family
+    arch = descriptor.architecture_for(spec)
+    if same_family and model.mapping is not None:
+        prefix = model.mapping.prefix  # keep the source's own key names
+    else:
+        prefix = arch.prefix if arch else descriptor.prefixes[0]
+    layout = descriptor.file_layout(spec.tensor_names(), prefix)
+    planned = [_plan(model, key, entries, dtype) for key, entries in layout.items()]
+    if same_family and model.mapping is not None and model.reader is not None and _unchanged(model):
+        # buffers and tied copies the source stored (position_ids, decoder.weight...): carry them byte for byte
+        for key in model.mapping.dropped:
+            planned.append(PlannedTensor(key, model.reader.shape(key), model.reader.dtype(key),
+                                         lambda key=key: model.reader.get(key)))
+    out_dtype = dtype or model.dtype
+    config = descriptor.write_config(spec, model.config if same_family else None, out_dtype)
+    protect = [model.source] if model.source is not None else []
+    with atomic_folder(Path(out), overwrite=overwrite, protect=protect) as tmp:
+        write_sharded(tmp, planned, shard_size, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if model.source is not None:
+            carry_files(model.source, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
+
+
+def _unchanged(model: CanonicalModel) -> bool:
+    """True when the model is still exactly what was read (no growth), so the source's extra keys still fit."""
+    return isinstance(model.tensors, LazyTensors)
+
+
+def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
+    metas = [model.meta(name) for name, _ in entries]
+    out_dtype = dtype or metas[0][1]
+    first = entries[0][1]
+    disk_shapes = [shape_to_disk(shape, loc.transform) for (shape, _), (_, loc) in zip(metas, entries)]
+    shape = list(disk_shapes[0])
+    if first.fused:
+        shape[first.axis] = sum(s[first.axis] for s in disk_shapes)
+        entries = sorted(entries, key=lambda e: e[1].index)
+
+    def make():
+        from .descriptors import to_disk
+
+        parts = [to_disk(model.tensors[name], loc.transform) for name, loc in entries]
+        t = torch.cat(parts, dim=first.axis) if first.fused else parts[0]
+        if not torch.isfinite(t).all():
+            raise LigoError(f"tensor {key} ({', '.join(n for n, _ in entries)}) has NaN or infinite values; "
+                            f"nothing was written")
+        return t.to(out_dtype)
+
+    return PlannedTensor(key, tuple(shape), out_dtype, make)
+
+
+def describe(model: CanonicalModel) -> dict:
+    """What `inspect` prints: family, spec, parameter count, mapping report."""
+    return {
+        "source": str(model.source) if model.source else None,
+        "family": model.family,
+        "spec": model.spec.to_dict(),
+        "parameters": model.parameter_count(),
+        "dtype": str(model.dtype).removeprefix("torch.") if model.mapping is None or
+        not model.mapping.unmapped else None,
+        "mapping": model.report(),
+        "version": __version__,
+    }

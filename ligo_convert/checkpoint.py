@@ -1,0 +1,312 @@
+"""Checkpoint files: finding a source (folder, zoo name, hub id), reading tensors lazily, writing atomically.
+
+Reading opens safetensors (single or sharded) and hands out one tensor at a time; ``.bin`` files are read only with
+``torch.load(weights_only=True)``, so no pickled code ever runs.  Writing streams each shard to disk tensor by tensor
+inside a temporary folder that is renamed into place at the end: an interrupted run never leaves a half output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import LigoError
+
+# Files carried from a source folder to every output: tokenizers, preprocessors, generation settings.
+CARRY_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                  "preprocessor_config.json", "image_processor_config.json", "generation_config.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+# --- finding a source --------------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local folder first, then a zoo name, then a Hugging Face hub id (offline: the local HF cache only)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LigoError(f"{path}: expected a checkpoint folder (config.json and *.safetensors), got a file")
+        return path
+    from .zoo import find_entry  # local import: zoo reads descriptors too
+
+    entry = find_entry(str(source))
+    repo_id = entry["hub"] if entry else str(source)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise LigoError(f"{source}: no such folder, zoo name or hub id (see `ligo-convert zoo` for names)")
+    return download(repo_id)
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, RepositoryNotFoundError) as e:
+        if offline or isinstance(e, LocalEntryNotFoundError):
+            raise LigoError(f"{repo_id}: not in the local Hugging Face cache and downloads are off; run "
+                            f"`huggingface-cli download {repo_id}` where there is internet, or pass a local folder") \
+                from None
+        raise LigoError(f"{repo_id}: could not be fetched from the Hugging Face hub ({type(e).__name__}); "
+                        f"check the id or pass a local folder") from None
+
+
+# --- reading -----------------------------------------------------------------------------------------------------------
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LigoError(f"{path}: not valid JSON ({e}); restore the file") from None
+
+
+class TensorReader:
+    """All tensors of a checkpoint folder, read one at a time.  ``keys()``, ``shape(key)``, ``dtype(key)``,
+    ``get(key)``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._file_of: dict[str, Path] = {}
+        self._header: dict[str, dict] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        files = self._weight_files(folder)
+        for path in files:
+            if path.suffix == ".safetensors":
+                for key, info in _read_header(path).items():
+                    self._file_of[key] = path
+                    self._header[key] = info
+            else:
+                self._load_bin(path)
+
+    @staticmethod
+    def _weight_files(folder: Path) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = folder / index_name
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                    raise LigoError(f"{index}: not a valid shard index (needs a 'weight_map'); restore it") from None
+                files = [folder / f for f in dict.fromkeys(weight_map.values())]
+                for f in files:
+                    if not f.exists():
+                        raise LigoError(f"{index} names shard {f.name}, which is missing; download it again")
+                return files
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            files = sorted(folder.glob("*.bin"))
+        if not files:
+            raise LigoError(f"{folder}: no *.safetensors (or *.bin) weights found")
+        return files
+
+    def _load_bin(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means the file cannot be trusted
+            raise LigoError(f"{path}: cannot be read safely as plain tensors ({type(e).__name__}); convert it to "
+                            f"safetensors with its own library first") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise LigoError(f"{path}: does not hold a flat dict of tensors")
+        self._bin = self._bin or {}
+        for key, tensor in state.items():
+            self._bin[key] = tensor
+            self._file_of[key] = path
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._header:
+            return tuple(self._header[key]["shape"])
+        return tuple(self._bin[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if key in self._header:
+            return _DTYPES[self._header[key]["dtype"]]
+        return self._bin[key].dtype
+
+    def nbytes(self, key: str) -> int:
+        if key in self._header:
+            start, end = self._header[key]["data_offsets"]
+            return end - start
+        t = self._bin[key]
+        return t.numel() * t.element_size()
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._header:
+            return self._bin[key]
+        path = self._file_of[key]
+        info = self._header[key]
+        start, end = info["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(info["_base"] + start)
+            data = bytearray(end - start)
+            got = f.readinto(data)
+        if got != end - start:
+            raise LigoError(f"{path}: tensor {key} is cut short (file truncated); download the file again")
+        dtype = _DTYPES[info["dtype"]]
+        if not data:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+
+def _read_header(path: Path) -> dict[str, dict]:
+    """Parse a safetensors header without reading the data; check it against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LigoError(f"{path}: not a safetensors file (too short); download it again")
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8 or length > 100_000_000:
+            raise LigoError(f"{path}: not a safetensors file (bad header length); download it again")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LigoError(f"{path}: not a safetensors file (unreadable header); download it again") from None
+    header.pop("__metadata__", None)
+    base = 8 + length
+    for key, info in header.items():
+        if info.get("dtype") not in _DTYPES:
+            raise LigoError(f"{path}: tensor {key} has unsupported dtype {info.get('dtype')!r}")
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise LigoError(f"{path}: tensor {key} runs past the end of the file (truncated); download it again")
+        info["_base"] = base
+    return header
+
+
+# --- writing -----------------------------------------------------------------------------------------------------------
+
+
+class PlannedTensor:
+    """A tensor to write: its key, shape and dtype known up front, its data made only when written."""
+
+    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, make: Callable[[], torch.Tensor]):
+        self.key, self.shape, self.dtype, self.make = key, tuple(shape), dtype, make
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict | None = None) -> None:
+    """Stream tensors into one safetensors file, holding only one tensor in memory at a time."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    ordered = sorted(tensors, key=lambda t: t.key)
+    for t in ordered:
+        header[t.key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                              offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in ordered:
+            data = t.make()
+            if tuple(data.shape) != t.shape or data.dtype != t.dtype:
+                raise AssertionError(f"{t.key}: planned {t.shape} {t.dtype}, made {tuple(data.shape)} {data.dtype}")
+            data = data.detach().cpu().contiguous()
+            if data.numel():
+                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+
+
+def write_sharded(folder: Path, tensors: list[PlannedTensor], max_shard_size: int | str = "5GB",
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards plus their index, with
+    huggingface_hub's sharding rule.  Returns the file names written."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_key = {t.key: t for t in tensors}
+    split = split_state_dict_into_shards_factory(
+        by_key, get_storage_size=lambda t: t.nbytes, filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size)
+    written = []
+    for filename, keys in split.filename_to_tensors.items():
+        write_safetensors(folder / filename, [by_key[k] for k in keys])
+        written.append(filename)
+        if progress:
+            progress(len(keys))
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append("model.safetensors.index.json")
+    return written
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool = False, protect: Iterable[Path] = ()):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it vanishes."""
+    out = Path(out).absolute()
+    for p in protect:
+        p = Path(p).resolve()
+        if out.resolve() == p or p in out.resolve().parents:
+            raise LigoError(f"{out}: the output would overwrite the source {p}; choose another --out")
+    if out.exists() and not overwrite:
+        raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def carry_files(source: Path, dest: Path) -> list[str]:
+    """Copy tokenizer/preprocessor files from a source folder.  Returns the names copied."""
+    copied = []
+    for name in CARRY_PATTERNS:
+        path = source / name
+        if path.is_file():
+            shutil.copy2(path, dest / name)
+            copied.append(name)
+    return copied
+
+
+def parse_size(size: str | int) -> int:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if isinstance(size, int):
+        return size
+    try:
+        return parse_size_to_int(size)
+    except ValueError:
+        raise LigoError(f"shard size {size!r} is not a size like 500MB or 5GB") from None

@@ -1,0 +1,195 @@
+"""The canonical forward: one functional transformer for every supported family.
+
+``forward(spec, weights, ...)`` takes its weights as a mapping of canonical names, so growth can call it with weights
+it materialises each step and export can trace it.  It reads top to bottom like the papers: embed, blocks, final
+norm, heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import Spec
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def norm(spec: Spec, w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
+    weight = w[prefix + ".weight"]
+    if spec.norm == "rmsnorm":
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+        return weight * x32.to(dtype)
+    return F.layer_norm(x, (x.shape[-1],), weight, w.get(prefix + ".bias"), spec.norm_eps)
+
+
+def linear(w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
+    return F.linear(x, w[prefix + ".weight"], w.get(prefix + ".bias"))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary(spec: Spec, seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (T, head_dim) in the rotate-half layout: dims i and i + head_dim/2 form a pair."""
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, device=device, dtype=torch.int64)
+                                          .float() / spec.head_dim))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None, token_type_ids=None) -> Tensor:
+    if spec.input == "patches":
+        patch = w["embed.patch.weight"]
+        x = F.conv2d(pixel_values.to(patch.dtype), patch, w["embed.patch.bias"], stride=spec.patch_size)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        batch = x.shape[0]
+        prefix = []
+        if spec.cls_token:
+            prefix.append(w["embed.cls"].expand(batch, 1, -1))
+        if spec.dist_token:
+            prefix.append(w["embed.dist"].expand(batch, 1, -1))
+        x = torch.cat(prefix + [x], dim=1)
+        if spec.positions == "learned":
+            x = x + w["embed.positions"][: x.shape[1]]
+    else:
+        x = F.embedding(input_ids, w["embed.tokens"])
+        if spec.positions == "learned":
+            seq = input_ids.shape[1]
+            if spec.position_offset and spec.pad_token_id is not None:
+                # positions count real tokens only and start after the padding id (RoBERTa's scheme)
+                real = (input_ids != spec.pad_token_id).to(torch.int64)
+                position_ids = torch.cumsum(real, dim=1) * real + spec.pad_token_id
+            else:
+                position_ids = torch.arange(seq, device=input_ids.device) + spec.position_offset
+            x = x + F.embedding(position_ids, w["embed.positions"])
+        if spec.type_vocab_size:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + F.embedding(token_type_ids, w["embed.types"])
+    if spec.embed_norm:
+        x = norm(spec, w, "embed.norm", x)
+    return x
+
+
+def attention_bias(spec: Spec, attention_mask, batch: int, seq: int, device, dtype) -> Tensor | None:
+    """Additive bias (B or 1, 1, T, T): padding keys and, for causal models, future keys get the dtype's minimum."""
+    blocked = None
+    if attention_mask is not None:
+        blocked = (attention_mask[:, None, None, :] == 0)
+    if spec.causal:
+        future = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)[None, None]
+        blocked = future if blocked is None else (blocked | future)
+    if blocked is None:
+        return None
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
+def attention(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor, bias, rope) -> Tensor:
+    batch, seq, _ = x.shape
+    q = linear(w, p + "q", x).view(batch, seq, spec.heads, spec.head_dim).transpose(1, 2)
+    k = linear(w, p + "k", x).view(batch, seq, spec.kv_heads, spec.head_dim).transpose(1, 2)
+    v = linear(w, p + "v", x).view(batch, seq, spec.kv_heads, spec.head_dim).transpose(1, 2)
+    if rope is not None:
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+    if spec.kv_heads != spec.heads:  # grouped-query attention: each k/v head serves heads // kv_heads q heads
+        repeat = spec.heads // spec.kv_heads
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(spec.head_dim)
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, spec.heads * spec.head_dim)
+    return linear(w, p + "o", out)
+
+
+def mlp(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor) -> Tensor:
+    if spec.gated_mlp:
+        hidden = activation(spec.activation, linear(w, p + "gate", x)) * linear(w, p + "fc1", x)
+    else:
+        hidden = activation(spec.activation, linear(w, p + "fc1", x))
+    return linear(w, p + "fc2", hidden)
+
+
+def block(spec: Spec, w: Mapping[str, Tensor], i: int, x: Tensor, bias, rope) -> Tensor:
+    p = f"layers.{i}."
+    if spec.norm_placement == "pre":
+        x = x + attention(spec, w, p, norm(spec, w, p + "attn_norm", x), bias, rope)
+        return x + mlp(spec, w, p, norm(spec, w, p + "mlp_norm", x))
+    x = norm(spec, w, p + "attn_norm", x + attention(spec, w, p, x, bias, rope))
+    return norm(spec, w, p + "mlp_norm", x + mlp(spec, w, p, x))
+
+
+def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+            attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> dict[str, Tensor]:
+    """Run the model.  Returns ``hidden`` (last hidden state, after the final norm), and where the spec has them
+    ``pooled``, ``logits`` (classifier, MLM or LM) and ``pair_logits``."""
+    x = embed(spec, w, input_ids, pixel_values, token_type_ids)
+    batch, seq, _ = x.shape
+    if spec.input == "patches":
+        attention_mask = None  # every patch is real
+    bias = attention_bias(spec, attention_mask, batch, seq, x.device, x.dtype)
+    rope = rotary(spec, seq, x.device, x.dtype) if spec.positions == "rotary" else None
+    for i in range(spec.layers):
+        x = block(spec, w, i, x, bias, rope)
+    if spec.final_norm:
+        x = norm(spec, w, "final_norm", x)
+    out = {"hidden": x}
+    if spec.pooler:
+        out["pooled"] = torch.tanh(linear(w, "pooler", x[:, 0]))
+    if spec.head == "classifier":
+        logits = linear(w, "head", x[:, 0])
+        if spec.dist_head:  # DeiT with teacher: the prediction is the mean of the cls and distillation heads
+            logits = (logits + linear(w, "head_dist", x[:, 1])) / 2
+        out["logits"] = logits
+    elif spec.head == "mlm":
+        h = x
+        if spec.mlm_transform:
+            h = norm(spec, w, "mlm.norm", activation(spec.activation, linear(w, "mlm.dense", h)))
+        decoder = w["embed.tokens"] if spec.tie_embeddings else w["lm_head.weight"]
+        out["logits"] = F.linear(h, decoder, w["mlm.bias"])
+    elif spec.head == "lm":
+        decoder = w["embed.tokens"] if spec.tie_embeddings else w["lm_head.weight"]
+        out["logits"] = F.linear(x, decoder)
+    if spec.pair_head:
+        out["pair_logits"] = linear(w, "pair_head", out["pooled"])
+    return out
+
+
+def init_weights(spec: Spec, seed: int = 0, std: float = 0.02, dtype=torch.float32) -> dict[str, Tensor]:
+    """Random weights for ``spec`` (the 'scratch' starting point): normal(0, std) matrices, unit norms, zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in spec.tensor_names():
+        shape = spec.shape_of(name)
+        if name.endswith(".bias") or name == "mlm.bias":
+            t = torch.zeros(shape)
+        elif "norm" in name:
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=g) * std
+        out[name] = t.to(dtype)
+    return out
