@@ -100,6 +100,7 @@ class CanonicalModel:
             "tensors": rows,
             "dropped": self.mapping.dropped,
             "unmapped": self.mapping.unmapped,
+            "unsupported": [{"key": k, "feature": f} for k, f in self.mapping.unsupported],
             "missing": sorted(expected - set(self.mapping.locations)),
             "renamed": self.mapping.renamed,
         }
@@ -121,6 +122,10 @@ def load(source, family: str | None = None, strict: bool = True) -> CanonicalMod
                             f"needs unquantised weights — dequantise the checkpoint first")
     descriptor = get_descriptor(family) if family else detect_family(config, keys, str(folder))
     mapping = descriptor.match(keys)
+    if mapping.unsupported and strict:
+        key, feature = mapping.unsupported[0]
+        raise LigoError(f"{reader.file_of(key)}: tensor {key} belongs to {feature}, which ligo-convert does not "
+                        f"support for {descriptor.name}; use a checkpoint without it")
     if mapping.unmapped and strict:
         n = len(mapping.unmapped)
         raise LigoError(f"{reader.file_of(mapping.unmapped[0])}: tensor {mapping.unmapped[0]} "

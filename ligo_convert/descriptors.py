@@ -115,6 +115,7 @@ class Mapping:
     dropped: list[str]  # buffers and tied copies the family stores but the model does not need
     unmapped: list[str]  # keys nobody claimed
     renamed: dict[str, str] = field(default_factory=dict)  # file key -> the key it was read as (aliases)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (file key, what feature it belongs to)
 
     def by_key(self) -> dict[str, list[str]]:
         """file key -> canonical names it feeds."""
@@ -251,6 +252,9 @@ class Descriptor:
         self.prefixes: list[str] = names.get("prefixes", [""])
         self.drop: list[re.Pattern] = [re.compile(p) for p in names.get("drop", [])]
         self.renames: list[tuple[str, str]] = [tuple(r) for r in names.get("rename", [])]
+        # [regex, feature]: keys of features we know but do not support (e.g. timm LayerScale), refused by name
+        self.unsupported: list[tuple[re.Pattern, str]] = [(re.compile(p), what)
+                                                          for p, what in names.get("unsupported", [])]
         self.tensors: dict[str, str] = data.get("tensors", {})
         self.transforms: dict[str, str] = data.get("transforms", {})
         self.fused: list[dict] = data.get("fused", [])
@@ -290,18 +294,23 @@ class Descriptor:
         best = None
         for prefix in self.prefixes:
             mapping = self._match_with_prefix(keys, prefix)
-            if best is None or len(mapping.unmapped) < len(best.unmapped):
+            if best is None or len(mapping.unmapped) + len(mapping.unsupported) < \
+                    len(best.unmapped) + len(best.unsupported):
                 best = mapping
         return best
 
     def _match_with_prefix(self, keys: list[str], prefix: str) -> Mapping:
         plain = [(_regex(f, prefix), c, self.transforms.get(c)) for c, f in self.tensors.items()]
         fused = [(_regex(f["file"], prefix), f) for f in self.fused]
-        locations, dropped, unmapped, renamed = {}, [], [], {}
+        locations, dropped, unmapped, renamed, unsupported = {}, [], [], {}, []
         for key in keys:
             norm = self._normalise(key)
             if norm != key:
                 renamed[key] = norm
+            feature = next((what for regex, what in self.unsupported if regex.search(norm)), None)
+            if feature:
+                unsupported.append((key, feature))
+                continue
             if any(d.search(norm) for d in self.drop):
                 dropped.append(key)
                 continue
@@ -321,7 +330,7 @@ class Descriptor:
                         break
                 else:
                     unmapped.append(key)
-        return Mapping(prefix, locations, dropped, unmapped, renamed)
+        return Mapping(prefix, locations, dropped, unmapped, renamed, unsupported)
 
     def file_layout(self, names: list[str], prefix: str) -> dict[str, list[tuple[str, Location]]]:
         """For writing: file key -> [(canonical name, location)] for the given canonical names."""
