@@ -43,6 +43,9 @@ class LazyTensors(collections.abc.Mapping):
     def __iter__(self):
         return iter(self.locations)
 
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+        return name in self.locations
+
     def __len__(self):
         return len(self.locations)
 
@@ -70,8 +73,10 @@ class CanonicalModel:
         return tuple(t.shape), t.dtype
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.meta(next(iter(self.spec.tensor_names())))[1]
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the first canonical tensor present (None if none is: an incomplete checkpoint)."""
+        name = next((n for n in self.spec.tensor_names() if n in self.tensors), None)
+        return self.meta(name)[1] if name is not None else None
 
     def materialize(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every canonical tensor in memory (optionally cast)."""
@@ -132,13 +137,16 @@ def load(source, family: str | None = None, strict: bool = True) -> CanonicalMod
                         f"{'(and ' + str(n - 1) + ' more) ' if n > 1 else ''}is not part of a {descriptor.name} "
                         f"model; run `ligo-convert inspect` to list them, or remove them from the file")
     where = {name: loc.key for name, loc in mapping.locations.items()}
-    shapes = {name: loc.canonical_shape(reader.shape(loc.key)) for name, loc in mapping.locations.items()}
     for key in mapping.locations.values():
         dtype = reader.dtype(key.key)
         if not dtype.is_floating_point:
             raise LigoError(f"{reader.file_of(key.key)}: tensor {key.key} is {dtype}, not floating point; "
                             f"quantised or integer weights cannot be grown — dequantise first")
-    spec = descriptor.infer_spec(config, shapes, where)
+    try:
+        shapes = {name: loc.canonical_shape(reader.shape(loc.key)) for name, loc in mapping.locations.items()}
+        spec = descriptor.infer_spec(config, shapes, where)
+    except LigoError as e:  # these name tensors or config keys: say which checkpoint they are in
+        raise LigoError(str(e) if str(e).startswith(str(folder)) else f"{folder}: {e}") from None
     model = CanonicalModel(spec, LazyTensors(reader, mapping), descriptor.name, config, folder, mapping, reader)
     if strict:
         check_complete(model, descriptor)
@@ -173,8 +181,12 @@ def from_tensors(spec: Spec, tensors: dict[str, torch.Tensor], family: str, conf
 
 def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dtype | None = None,
          shard_size: int | str = "5GB", overwrite: bool = False, extra_files: dict[str, str] | None = None,
-         progress: Callable[[int], None] | None = None) -> Path:
-    """Write ``model`` to folder ``out`` in ``family``'s layout (default: the family it came from), atomically."""
+         progress: Callable[[int], None] | None = None,
+         progress_total: Callable[[int], None] | None = None) -> Path:
+    """Write ``model`` to folder ``out`` in ``family``'s layout (default: the family it came from), atomically.
+
+    ``progress_total(n)`` is called once with the number of file tensors to write, then ``progress(k)`` as ``k``
+    more are written (e.g. a tqdm bar's ``total`` and ``update``)."""
     descriptor = get_descriptor(family or model.family)
     spec = model.spec
     reason = descriptor.supports(spec)
@@ -186,16 +198,22 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
         prefix = model.mapping.prefix  # keep the source's own key names
     else:
         prefix = arch.prefix if arch else descriptor.prefixes[0]
-    layout = descriptor.file_layout(spec.tensor_names(), prefix)
+    layout = descriptor.file_layout(spec.tensor_names(), prefix, arch)
     planned = [_plan(model, key, entries, dtype) for key, entries in layout.items()]
     if same_family and model.mapping is not None and model.reader is not None and _unchanged(model):
         # buffers and tied copies the source stored (position_ids, decoder.weight...): carry them byte for byte
         for key in model.mapping.dropped:
-            planned.append(PlannedTensor(key, model.reader.shape(key), model.reader.dtype(key),
-                                         lambda key=key: model.reader.get(key)))
+            src_dtype = model.reader.dtype(key)
+            # float copies (tied decoders) follow the requested dtype; index buffers keep theirs
+            key_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
+            planned.append(PlannedTensor(key, model.reader.shape(key), key_dtype,
+                                         lambda key=key, d=key_dtype: model.reader.get(key).to(d)))
     out_dtype = dtype or model.dtype
-    config = descriptor.write_config(spec, model.config if same_family else None, out_dtype)
+    # a model made in memory has no source config ({}): start from the family template then
+    config = descriptor.write_config(spec, (model.config or None) if same_family else None, out_dtype)
     protect = [model.source] if model.source is not None else []
+    if progress_total:
+        progress_total(len(planned))
     with atomic_folder(Path(out), overwrite=overwrite, protect=protect) as tmp:
         write_sharded(tmp, planned, shard_size, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -229,7 +247,12 @@ def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
         if not torch.isfinite(t).all():
             raise LigoError(f"tensor {key} ({', '.join(n for n, _ in entries)}) has NaN or infinite values; "
                             f"nothing was written")
-        return t.to(out_dtype)
+        if t.dtype != out_dtype:
+            t = t.to(out_dtype)
+            if not torch.isfinite(t).all():  # finite before the cast: the values overflow the smaller dtype
+                raise LigoError(f"tensor {key} has values too large for {str(out_dtype).removeprefix('torch.')}; "
+                                f"nothing was written — choose bfloat16 or float32")
+        return t
 
     return PlannedTensor(key, tuple(shape), out_dtype, make)
 
@@ -241,8 +264,7 @@ def describe(model: CanonicalModel) -> dict:
         "family": model.family,
         "spec": model.spec.to_dict(),
         "parameters": model.parameter_count(),
-        "dtype": str(model.dtype).removeprefix("torch.") if model.mapping is None or
-        not model.mapping.unmapped else None,
+        "dtype": str(model.dtype).removeprefix("torch.") if model.dtype is not None else None,
         "mapping": model.report(),
         "version": __version__,
     }

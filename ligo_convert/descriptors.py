@@ -220,6 +220,7 @@ _MEASURES = {
     "q": "q_width",
     "k": "kv_width",
     "v": "kv_width",
+    "o": "q_width",  # the attention output has one head_dim slice per query head
 }
 
 
@@ -231,6 +232,9 @@ class Architecture:
     prefix: str
     match: dict
     config: dict = field(default_factory=dict)  # extra config keys written with this class
+    # canonical pattern -> file pattern where this class names a tensor differently from the family's [tensors]
+    # (e.g. a class whose classifier has another name); read from any class, written with this class's names
+    tensors: dict = field(default_factory=dict)
 
     def fits(self, spec: Spec) -> bool:
         return all(getattr(spec, k) == v for k, v in self.match.items())
@@ -264,15 +268,24 @@ class Descriptor:
         self.config_template: dict = config.pop("template", {})
         self.config_write_defaults: dict = config.pop("write_defaults", {})
         self.dtype_keys: list[str] = config.pop("dtype", [])
+        # config key -> expression (or list of expressions) over spec fields, written but never read: values the
+        # family's loader needs that are no single spec field (e.g. a ratio of two sizes)
+        self.config_write_derived: dict = config.pop("write_derived", {})
+        # config key -> the values we support; a config with another value is refused on read
+        self.config_require: dict[str, list] = config.pop("require", {})
+        # where the config names the model class: None -> the Hugging Face "architectures" list; else a single-name
+        # key, written only where the config has no name yet, so a source's own (more specific) name survives
+        self.class_key: str | None = config.pop("class_key", None)
         self.config_fields = {k: ConfigField.parse(v) for k, v in config.items()}
         self.derive: dict[str, str] = data.get("derive", {})
-        self.architectures = [Architecture(a["name"], a.get("prefix", ""), a.get("match", {}), a.get("config", {}))
+        self.architectures = [Architecture(a["name"], a.get("prefix", ""), a.get("match", {}), a.get("config", {}),
+                                           a.get("tensors", {}))
                               for a in data.get("architectures", [])]
         self.carry_files: list[str] = data.get("carry_files", [])
         self._check()
 
     def _check(self):
-        for pattern in list(self.tensors) + list(self.transforms):
+        for pattern in list(self.tensors) + list(self.transforms) + [p for a in self.architectures for p in a.tensors]:
             if pattern not in CANONICAL:
                 raise ValueError(f"{self.path}: {pattern!r} is not a canonical tensor name")
         for f in self.fused:
@@ -300,7 +313,8 @@ class Descriptor:
         return best
 
     def _match_with_prefix(self, keys: list[str], prefix: str) -> Mapping:
-        plain = [(_regex(f, prefix), c, self.transforms.get(c)) for c, f in self.tensors.items()]
+        names = list(self.tensors.items()) + [(c, f) for a in self.architectures for c, f in a.tensors.items()]
+        plain = [(_regex(f, prefix), c, self.transforms.get(c)) for c, f in names]
         fused = [(_regex(f["file"], prefix), f) for f in self.fused]
         locations, dropped, unmapped, renamed, unsupported = {}, [], [], {}, []
         for key in keys:
@@ -332,15 +346,18 @@ class Descriptor:
                     unmapped.append(key)
         return Mapping(prefix, locations, dropped, unmapped, renamed, unsupported)
 
-    def file_layout(self, names: list[str], prefix: str) -> dict[str, list[tuple[str, Location]]]:
-        """For writing: file key -> [(canonical name, location)] for the given canonical names."""
+    def file_layout(self, names: list[str], prefix: str, arch: Architecture | None = None
+                    ) -> dict[str, list[tuple[str, Location]]]:
+        """For writing: file key -> [(canonical name, location)] for the given canonical names, with the tensor
+        names of model class ``arch`` where it has its own."""
         out: dict[str, list[tuple[str, Location]]] = {}
         fused_by_part = {part: f for f in self.fused for part in f["parts"]}
+        tensors = {**self.tensors, **(arch.tensors if arch else {})}
         for name in names:
             pattern, layer = pattern_of(name)
             layer_s = str(layer) if layer is not None else None
-            if pattern in self.tensors:
-                key = _layer_name(self.tensors[pattern], layer_s).replace("{p}", prefix)
+            if pattern in tensors:
+                key = _layer_name(tensors[pattern], layer_s).replace("{p}", prefix)
                 out.setdefault(key, []).append((name, Location(key, self.transforms.get(pattern))))
             elif pattern in fused_by_part:
                 f = fused_by_part[pattern]
@@ -359,9 +376,11 @@ class Descriptor:
     def supports(self, spec: Spec) -> str | None:
         """None if this family can hold a model of ``spec``, else the reason it cannot."""
         fused_parts = {part for f in self.fused for part in f["parts"]}
+        arch = self.architecture_for(spec)
+        class_tensors = arch.tensors if arch else {}
         for name in spec.tensor_names():
             pattern, _ = pattern_of(name)
-            if pattern not in self.tensors and pattern not in fused_parts:
+            if pattern not in self.tensors and pattern not in class_tensors and pattern not in fused_parts:
                 return f"family {self.name} has no place for tensor {name}"
         for key, value in self.spec_constants.items():
             if getattr(spec, key) != value:
@@ -395,6 +414,11 @@ class Descriptor:
 
         ``where`` maps canonical names to the file key they came from, for error messages.
         """
+        for key, allowed in self.config_require.items():
+            value = _get_path(config, key)
+            if value is not None and value not in allowed:
+                raise LigoError(f"config key {key}={value!r} is not supported for {self.name} "
+                                f"(supported: {', '.join(map(repr, allowed))}); use a checkpoint without it")
         values: dict = dict(self.spec_constants)
         from_config = {}
         for name, cf in self.config_fields.items():
@@ -467,7 +491,12 @@ class Descriptor:
         positions = values.pop("_positions", None)
         if positions is not None:
             if values["input"] == "patches":
-                grid = math.isqrt(positions - int(values["cls_token"]) - int(values["dist_token"]))
+                patches = positions - int(values["cls_token"]) - int(values["dist_token"])
+                grid = math.isqrt(max(patches, 0))
+                if grid * grid != patches:  # e.g. a table without rows for the class token: positions shift
+                    raise LigoError(f"{where.get('embed.positions')} has {positions} positions, which is not a "
+                                    f"square grid of patches plus {positions - patches} class/distillation "
+                                    f"token(s); this position layout is not supported")
                 image_size = grid * values["patch_size"]
                 if from_config.get("image_size") not in (None, image_size):
                     raise LigoError(f"{where.get('embed.positions')} has {positions} positions, which does not fit "
@@ -508,9 +537,22 @@ class Descriptor:
             if name == "num_classes" and spec.head != "classifier":
                 continue
             cf.write(config, value)
-        arch = self.architecture_for(spec)
+        names = spec.to_dict()
+        for key, expr in self.config_write_derived.items():
+            try:
+                value = [evaluate(e, names) for e in expr] if isinstance(expr, list) else evaluate(expr, names)
+            except Unresolved:
+                continue  # the spec lacks a value it needs (e.g. no classes): leave the key as it is
+            _set_path(config, key, value)
+        # Prefer the model class the base config already names when it still fits (e.g. a Mistral model stays
+        # MistralForCausalLM in a descriptor that also writes LlamaForCausalLM).
+        named = config.get("architectures") or []
+        arch = next((a for a in self.architectures if a.name in named and a.fits(spec)), None) \
+            or self.architecture_for(spec)
         if arch is not None:
-            if "architectures" in config or base is None or self.model_types:
+            if self.class_key:
+                _set_path(config, self.class_key, arch.name, only_if_missing=True)
+            elif "architectures" in config or base is None or self.model_types:
                 config["architectures"] = [arch.name]
             for key, value in arch.config.items():
                 _set_path(config, key, value)

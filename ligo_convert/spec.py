@@ -31,7 +31,9 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     "layers.{i}.k.bias": ("k",),
     "layers.{i}.v.weight": ("v", "residual"),
     "layers.{i}.v.bias": ("v",),
-    "layers.{i}.o.weight": ("residual", "v"),
+    # O reads the attention output: one head_dim slice per query head (heads x head_dim).  Without grouped-query
+    # attention it lines up with v[i] channel for channel; with GQA v[i] is smaller (kv_heads x head_dim).
+    "layers.{i}.o.weight": ("residual", "o"),
     "layers.{i}.o.bias": ("residual",),
     "layers.{i}.mlp_norm.weight": ("residual",),
     "layers.{i}.mlp_norm.bias": ("residual",),
@@ -59,7 +61,7 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     "lm_head.weight": ("vocab", "residual"),
 }
 
-PER_LAYER_SPACES = frozenset({"q", "k", "v", "mlp"})
+PER_LAYER_SPACES = frozenset({"q", "k", "v", "o", "mlp"})
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
@@ -170,6 +172,7 @@ class Spec:
             "q": self.heads * self.head_dim,
             "k": self.kv_heads * self.head_dim,
             "v": self.kv_heads * self.head_dim,
+            "o": self.heads * self.head_dim,
             "mlp": self.mlp,
             "vocab": self.vocab_size,
             "types": self.type_vocab_size,

@@ -32,3 +32,8 @@ def assert_same_files(a: Path, b: Path) -> None:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def loading_problems(info: dict) -> dict:
+    """The non-empty entries of transformers' ``output_loading_info`` (missing, unexpected, mismatched keys...)."""
+    return {k: v for k, v in info.items() if v}
