@@ -385,6 +385,14 @@ class Descriptor:
         for key, value in self.spec_constants.items():
             if getattr(spec, key) != value:
                 return f"family {self.name} needs {key}={value!r}, the model has {getattr(spec, key)!r}"
+        for key, expr in self.derive.items():  # e.g. RoBERTa's positions start after the padding id
+            try:
+                wanted = evaluate(expr, spec.to_dict()) if isinstance(expr, str) and key not in _STRING_FIELDS \
+                    else expr
+            except Unresolved:
+                continue
+            if getattr(spec, key) != wanted:
+                return f"family {self.name} needs {key}={wanted!r} ({expr}), the model has {getattr(spec, key)!r}"
         if self.architectures and not any(a.fits(spec) for a in self.architectures):
             return f"family {self.name} has no model class for head={spec.head!r}, pooler={spec.pooler}"
         return None

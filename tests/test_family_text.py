@@ -270,3 +270,16 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     assert loading_problems(info) == {}
     x = text_inputs(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     assert torch.equal(reference(model, x)["logits"], reference(again.eval(), x)["logits"])
+
+
+def test_position_schemes_do_not_cross_silently(tmp_path):
+    """BERT positions start at 0, RoBERTa's after the padding id: writing one as the other is refused."""
+    from ligo_convert import LigoError
+
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=66)).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    with pytest.raises(LigoError, match="position_offset"):
+        save(load(tmp_path / "bert"), tmp_path / "as-roberta", family="hf-roberta")
+    assert not (tmp_path / "as-roberta").exists()
