@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -17,6 +18,20 @@ from .checkpoint import (PlannedTensor, TensorReader, atomic_folder, carry_files
 from .descriptors import QUANTISATION_SUFFIXES, Descriptor, Mapping, detect_family, get_descriptor, shape_to_disk
 from .errors import LigoError
 from .spec import Spec
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds no NaN or infinity: one min/max pass (NaN propagates through both), without the
+    tensor-sized mask of ``isfinite(t).all()``, which made that check most of a conversion's time.  float32/64 go
+    through numpy, whose reductions run on the calling thread: torch's thread pool costs milliseconds per call
+    when the cores are busy, ten times the work itself (benchmarks/convert_io.py)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
+        a = t.detach().numpy()
+        return bool(np.isfinite(a.min())) and bool(np.isfinite(a.max()))
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 class LazyTensors(collections.abc.Mapping):
@@ -34,7 +49,7 @@ class LazyTensors(collections.abc.Mapping):
             disk = self._last[1]
         else:
             disk = self.reader.get(loc.key)
-            if self.check_finite and disk.is_floating_point() and not torch.isfinite(disk).all():
+            if self.check_finite and not all_finite(disk):
                 raise LigoError(f"{self.reader.file_of(loc.key)}: tensor {loc.key} has NaN or infinite values; "
                                 f"the checkpoint is damaged — use an earlier copy")
             self._last = (loc.key, disk) if loc.fused else None
@@ -239,17 +254,20 @@ def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
         shape[first.axis] = sum(s[first.axis] for s in disk_shapes)
         entries = sorted(entries, key=lambda e: e[1].index)
 
+    # tensors read lazily were checked as they were read; tensors made in memory (growth) are checked here
+    checked = isinstance(model.tensors, LazyTensors) and model.tensors.check_finite
+
     def make():
         from .descriptors import to_disk
 
         parts = [to_disk(model.tensors[name], loc.transform) for name, loc in entries]
         t = torch.cat(parts, dim=first.axis) if first.fused else parts[0]
-        if not torch.isfinite(t).all():
+        if not checked and not all_finite(t):
             raise LigoError(f"tensor {key} ({', '.join(n for n, _ in entries)}) has NaN or infinite values; "
                             f"nothing was written")
         if t.dtype != out_dtype:
             t = t.to(out_dtype)
-            if not torch.isfinite(t).all():  # finite before the cast: the values overflow the smaller dtype
+            if not all_finite(t):  # finite before the cast: the values overflow the smaller dtype
                 raise LigoError(f"tensor {key} has values too large for {str(out_dtype).removeprefix('torch.')}; "
                                 f"nothing was written — choose bfloat16 or float32")
         return t

@@ -163,16 +163,25 @@ class TensorReader:
         path = self._file_of[key]
         info = self._header[key]
         start, end = info["data_offsets"]
-        with open(path, "rb") as f:
-            f.seek(info["_base"] + start)
-            data = bytearray(end - start)
-            got = f.readinto(data)
-        if got != end - start:
-            raise LigoError(f"{path}: tensor {key} is cut short (file truncated); download the file again")
         dtype = _DTYPES[info["dtype"]]
-        if not data:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        offset, size = info["_base"] + start, end - start
+        storage = None
+        if size and offset % dtype.itemsize == 0:
+            # Map the bytes instead of copying them, as safetensors does (benchmarks/convert_io.py): a private
+            # mapping, so the file never changes; torch keeps no file descriptor open, and the mapping goes with the
+            # tensor, so only the tensors in use stay resident.
+            with contextlib.suppress(RuntimeError):  # a file system that cannot map, or a file that shrank: copy
+                storage = torch.UntypedStorage.from_file(str(path), False, offset + size)
+        if storage is not None:
+            data = torch.empty(0, dtype=torch.uint8).set_(storage)[offset:offset + size]
+        else:  # empty, not aligned for its dtype (files not written by safetensors can be), or not mappable: copy
+            data = torch.empty(size, dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(memoryview(data.numpy())) if size else 0
+            if got != size:
+                raise LigoError(f"{path}: tensor {key} is cut short (file truncated); download the file again")
+        return data.view(dtype).reshape(info["shape"])
 
 
 def _read_header(path: Path) -> dict[str, dict]:
@@ -218,8 +227,15 @@ class PlannedTensor:
         return n * torch.tensor([], dtype=self.dtype).element_size()
 
 
-def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict | None = None) -> None:
-    """Stream tensors into one safetensors file, holding only one tensor in memory at a time."""
+# Tensors are written in pieces of this size: on Linux one write() of several MB from process memory cost up to
+# ten times the kernel time of the same bytes in 1 MB writes (benchmarks/convert_io.py).
+_WRITE_CHUNK = 1 << 20
+
+
+def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict | None = None,
+                      progress: Callable[[int], None] | None = None) -> None:
+    """Stream tensors into one safetensors file, holding only one tensor in memory at a time; ``progress(1)``
+    after each tensor."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     ordered = sorted(tensors, key=lambda t: t.key)
@@ -237,26 +253,28 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict |
             if tuple(data.shape) != t.shape or data.dtype != t.dtype:
                 raise AssertionError(f"{t.key}: planned {t.shape} {t.dtype}, made {tuple(data.shape)} {data.dtype}")
             data = data.detach().cpu().contiguous()
-            if data.numel():
-                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+            for start in range(0, len(raw), _WRITE_CHUNK):
+                f.write(raw[start:start + _WRITE_CHUNK])
+            if progress:
+                progress(1)
 
 
 def write_sharded(folder: Path, tensors: list[PlannedTensor], max_shard_size: int | str = "5GB",
                   progress: Callable[[int], None] | None = None) -> list[str]:
     """Write ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards plus their index, with
-    huggingface_hub's sharding rule.  Returns the file names written."""
+    huggingface_hub's sharding rule.  ``progress(n)`` is called as tensors are written.  Returns the file names
+    written."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     by_key = {t.key: t for t in tensors}
     split = split_state_dict_into_shards_factory(
         by_key, get_storage_size=lambda t: t.nbytes, filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size)
+        max_shard_size=parse_size(max_shard_size))
     written = []
     for filename, keys in split.filename_to_tensors.items():
-        write_safetensors(folder / filename, [by_key[k] for k in keys])
+        write_safetensors(folder / filename, [by_key[k] for k in keys], progress=progress)
         written.append(filename)
-        if progress:
-            progress(len(keys))
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -274,8 +292,12 @@ def atomic_folder(out: Path, overwrite: bool = False, protect: Iterable[Path] = 
             raise LigoError(f"{out}: the output would overwrite the source {p}; choose another --out")
     if out.exists() and not overwrite:
         raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
+    created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should have the usual folder mode
     try:
         yield tmp
         if out.exists():
@@ -287,6 +309,9 @@ def atomic_folder(out: Path, overwrite: bool = False, protect: Iterable[Path] = 
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # the folders made for the output: a failed run leaves none behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
 
 
@@ -304,9 +329,10 @@ def carry_files(source: Path, dest: Path) -> list[str]:
 def parse_size(size: str | int) -> int:
     from huggingface_hub.serialization._base import parse_size_to_int
 
-    if isinstance(size, int):
-        return size
     try:
-        return parse_size_to_int(size)
+        n = size if isinstance(size, int) else parse_size_to_int(size)
     except ValueError:
-        raise LigoError(f"shard size {size!r} is not a size like 500MB or 5GB") from None
+        n = 0
+    if n <= 0:
+        raise LigoError(f"shard size {size!r} is not a size like 500MB or 5GB")
+    return n
