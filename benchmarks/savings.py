@@ -1,0 +1,605 @@
+"""Savings benchmark: the LiGO paper's Tables 1-2 in miniature, on data that is on the machine, offline.
+
+Three proxies — a ViT on scikit-learn's digits, a GPT-2-style causal LM and a BERT-style (post-LN) masked LM on the
+Python standard library's source text — each grown from a pretrained small model (2 layers x 64) into a target
+(4 x 128, heads grown at a fixed head dim).  For every seed: pretrain the small model; then train the target from
+each method's initialisation with the same optimiser (AdamW), schedule (linear warmup, cosine decay) and batches as
+``scratch``.  Methods: ``scratch``, ``ligo`` (the operator fitted for a few steps, then trained), ``stack``,
+``interpolate``, ``net2net``, ``aki``, ``lemon`` (ligo_convert.growth.baselines), and the training-procedure
+baselines ``mslt`` (stacked, then only the new top layers trained for a while) and ``ki`` (scratch plus distillation
+from the small model early on).
+
+Measured: FLOPs (matrix products of forward and backward, counted with torch.utils.flop_counter, LiGO's fitting
+steps and KI's teacher included) and training wall time until the validation loss first reaches scratch's final
+validation loss, and the final validation loss/accuracy.  Reported as in the paper (method, FLOPs saved %, wall saved
+%, final quality; mean +- sd over seeds), once without and once with the small model's pretraining counted.
+
+Tuning budget, the same for every method with a knob: three values of its one knob (LiGO: fitting learning rate;
+MSLT: fraction of steps that train only the new top layers; KI: fraction of steps with distillation), scored on a
+separate tuning seed by the FLOPs saved in a full-length run (ties: final loss).  Methods without a knob get none;
+the training learning rate is shared and fixed.
+
+    python benchmarks/savings.py                      # default: ~25 min on 2 cores
+    python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("scratch", "ligo", "stack", "interpolate", "net2net", "aki", "lemon", "mslt", "ki")
+# method -> (knob, candidate values): the tuning budget
+KNOBS = {
+    "ligo": ("fit_lr", (1e-2, 3e-2, 1e-1)),  # relative: width steps by lr / D1, depth by lr / L1 (growth.fit)
+    "mslt": ("frozen_fraction", (0.1, 0.25, 0.5)),
+    "ki": ("distill_fraction", (0.1, 0.25, 0.5)),
+}
+KI_ALPHA = 0.5  # initial weight of the distillation loss; decays linearly to 0 over the distillation fraction
+
+
+@dataclass
+class Proxy:
+    name: str
+    family: str
+    small: dict
+    target: dict
+    micro: dict
+    batch_size: int
+    seq_len: int
+    lr: float  # training learning rate, shared by every method (and the small model's pretraining)
+
+
+@dataclass
+class Settings:
+    steps: int = 200  # training steps of the target (every method)
+    pretrain_steps: int = 200  # training steps of the small model
+    fit_steps: int = 10  # LiGO fitting steps (counted): 5 % of training (the paper: 100 steps of ~10^5)
+    eval_every: int = 10
+    val_batches: int = 6
+    warmup: float = 0.05  # fraction of steps
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    tune_seed: int = 100
+    jobs: int = 2
+
+
+PROXIES = {
+    "vit-digits": Proxy("vit-digits", "hf-vit", dict(layers=2, width=64, heads=4, mlp=256),
+                        dict(layers=4, width=128, heads=8, mlp=512),
+                        dict(image_size=8, patch_size=2, num_channels=1, num_classes=10), 64, 0, 2e-3),
+    "gpt2-stdlib": Proxy("gpt2-stdlib", "hf-gpt2", dict(layers=2, width=64, heads=4, mlp=256),
+                         dict(layers=4, width=128, heads=8, mlp=512), dict(max_positions=64), 16, 64, 2e-3),
+    "bert-stdlib": Proxy("bert-stdlib", "hf-bert", dict(layers=2, width=64, heads=4, mlp=256),
+                         dict(layers=4, width=128, heads=8, mlp=512), dict(max_positions=64), 16, 64, 2e-3),
+}
+QUICK = Settings(steps=8, pretrain_steps=8, fit_steps=2, eval_every=4, val_batches=1, seeds=[0, 1], jobs=1)
+
+
+def quick_proxy(p: Proxy) -> Proxy:
+    return replace(p, small=dict(layers=1, width=16, heads=2, mlp=32), target=dict(layers=2, width=32, heads=4,
+                                                                                    mlp=64), batch_size=8, seq_len=16)
+
+
+# --- one training run (runs in a worker process) -------------------------------------------------------------------------
+
+
+def _specs(p: Proxy):
+    from ligo_convert.growth.pretrain import micro_spec
+
+    small = micro_spec(p.family, **p.small, **p.micro)
+    return small, small.replace(**p.target, kv_heads=p.target["heads"])
+
+
+def _data(p: Proxy, spec, seed: int, n: int, stream: int) -> list[dict]:
+    from ligo_convert import data as data_mod
+
+    return list(islice(data_mod.batches(spec, None, None, "train", p.batch_size, p.seq_len or 64,
+                                        seed + 10_000 * stream), n))
+
+
+def _val(p: Proxy, spec, s: Settings) -> list[dict]:
+    from ligo_convert import data as data_mod
+
+    return list(islice(data_mod.batches(spec, None, None, "val", p.batch_size, p.seq_len or 64, 0), s.val_batches))
+
+
+def _loss(spec, weights, batch, teacher=None, alpha=0.0):
+    from ligo_convert import data as data_mod
+    from ligo_convert.model import forward
+    from ligo_convert.objectives import distill_loss, task_loss
+
+    out = forward(spec, weights, **data_mod.model_inputs(batch))
+    loss = task_loss(spec, out, batch)
+    if teacher is not None and alpha > 0:
+        with torch.no_grad():
+            t = forward(teacher[0], teacher[1], **data_mod.model_inputs(batch))
+        loss = (1 - alpha) * loss + alpha * distill_loss(spec, out, t, batch)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(spec, weights, val) -> tuple[float, float]:
+    from ligo_convert import data as data_mod
+    from ligo_convert.model import forward
+    from ligo_convert.objectives import evaluate_metrics
+
+    totals = None
+    for batch in val:
+        totals = evaluate_metrics(spec, forward(spec, weights, **data_mod.model_inputs(batch)), batch, totals)
+    return totals["loss"], totals["accuracy"]
+
+
+def flops_of(fn) -> int:
+    """Matrix-product FLOPs of ``fn()`` (a forward and backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def lr_at(step: int, steps: int, warmup: float) -> float:
+    """Linear warmup, then cosine decay to 0: the factor applied to the peak learning rate."""
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, steps - w))))
+
+
+def train(spec, init: dict, batches: list, lr: float, val: list, s: Settings, steps: int, teacher=None,
+          distill_until: int = 0, frozen: set | None = None, frozen_until: int = 0, start_flops: int = 0,
+          start_wall: float = 0.0) -> dict:
+    """Train ``init`` for ``steps`` steps; returns the validation curve [(step, flops, wall, loss, acc)] and the
+    FLOPs per step of each phase."""
+    weights = {k: v.detach().clone().float().requires_grad_(True) for k, v in init.items()}
+    opt = torch.optim.AdamW(weights.values(), lr=lr, weight_decay=0.01)
+    frozen = frozen or set()
+
+    def phase(step: int) -> tuple[bool, float]:
+        alpha = KI_ALPHA * max(0.0, 1 - step / distill_until) if step < distill_until else 0.0
+        return step < frozen_until, alpha
+
+    def measure(freeze: bool, alpha: float) -> int:
+        probe = {k: v.detach().clone().requires_grad_(not (freeze and k in frozen)) for k, v in weights.items()}
+        return flops_of(lambda: _loss(spec, probe, batches[0], teacher, alpha).backward())
+
+    step_flops = {}
+    flops, wall = start_flops, start_wall
+    loss0, acc0 = evaluate(spec, weights, val)
+    curve = [(0, flops, wall, loss0, acc0)]
+    for step in range(steps):
+        freeze, alpha = phase(step)
+        key = (freeze, alpha > 0)
+        if key not in step_flops:
+            step_flops[key] = measure(freeze, alpha)
+        for k in frozen:
+            weights[k].requires_grad_(not freeze)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_at(step, steps, s.warmup)
+        t0 = time.perf_counter()
+        loss = _loss(spec, weights, batches[step], teacher, alpha)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training loss became {float(loss)} at step {step + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([w for w in weights.values() if w.grad is not None], 1.0)
+        opt.step()
+        wall += time.perf_counter() - t0
+        flops += step_flops[key]
+        if (step + 1) % s.eval_every == 0 or step + 1 == steps:
+            curve.append((step + 1, flops, wall, *evaluate(spec, weights, val)))
+    return {"curve": curve, "step_flops": {f"{'frozen' if a else 'full'}{'+teacher' if b else ''}": v
+                                           for (a, b), v in step_flops.items()},
+            "weights": {k: v.detach() for k, v in weights.items()}}
+
+
+def pretrain_job(job: dict) -> dict:
+    """Pretrain the small model of a proxy for one seed (the same trainer and schedule as the target)."""
+    torch.set_num_threads(1)
+    p, s, seed = job["proxy"], job["settings"], job["seed"]
+    small, _ = _specs(p)
+    from ligo_convert.model import init_weights
+
+    torch.manual_seed(seed)
+    batches = _data(p, small, seed, s.pretrain_steps, stream=2)
+    result = train(small, init_weights(small, seed), batches, p.lr, _val(p, small, s), s, s.pretrain_steps)
+    last = result["curve"][-1]
+    return {"proxy": p.name, "seed": seed, "weights": result["weights"], "flops": last[1], "wall": last[2],
+            "val_loss": last[3], "val_acc": last[4], "step_flops": result["step_flops"]}
+
+
+def method_job(job: dict) -> dict:
+    """Initialise the target with one method (and knob value), then train it; returns the curve."""
+    torch.set_num_threads(1)
+    from ligo_convert.errors import LigoError
+    from ligo_convert.growth import baselines
+    from ligo_convert.growth.fit import fit
+    from ligo_convert.growth.operator import LigoOperator
+
+    p, s, seed, method, knob = job["proxy"], job["settings"], job["seed"], job["method"], job.get("knob")
+    steps = job["steps"]
+    small, target = _specs(p)
+    small_w = job["small_weights"]
+    torch.manual_seed(seed)
+    batches = _data(p, target, seed, steps, stream=0)
+    val = _val(p, target, s)
+    out = {"proxy": p.name, "seed": seed, "method": method, "knob": knob, "steps": steps}
+    extra_flops, extra_wall, kwargs = 0, 0.0, {}
+    try:
+        if method == "ligo":
+            fit_batches = _data(p, target, seed, s.fit_steps, stream=1)
+            op = LigoOperator(small, target, small_w)
+            op.initialize("stack", "random", seed=seed)
+            with torch.no_grad():
+                out["loss_init"] = evaluate(target, op(), val)[0]
+
+            def fit_step():
+                weights = op()
+                _loss(target, weights, fit_batches[0]).backward()
+
+            out["fit_step_flops"] = flops_of(fit_step)
+            op.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fitted = fit(op, target, iter(fit_batches), "task", steps=s.fit_steps, lr=knob)
+            with torch.no_grad():
+                init = {k: v.detach() for k, v in op().items()}
+            extra_wall = time.perf_counter() - t0
+            extra_flops = out["fit_step_flops"] * s.fit_steps
+            out["loss_fitted"] = evaluate(target, init, val)[0]
+            out["fit_train_loss"] = [fitted.losses[0], fitted.losses[-1]] if fitted.losses else []
+        elif method in ("mslt", "stack"):
+            init = baselines.expand("stack", small, small_w, target, seed)
+            if method == "mslt":  # MSLT: the small model's layers and embeddings wait while the new top layers learn
+                from ligo_convert.spec import pattern_of
+
+                frozen = {k for k in init if (pattern_of(k)[1] is not None and pattern_of(k)[1] < small.layers)
+                          or k.startswith("embed.")}
+                kwargs = dict(frozen=frozen, frozen_until=round(knob * steps))
+        elif method == "ki":
+            init = baselines.expand("scratch", small, small_w, target, seed)
+            kwargs = dict(teacher=(small, {k: v.float() for k, v in small_w.items()}),
+                          distill_until=round(knob * steps))
+        else:
+            init = baselines.expand(method, small, small_w, target, seed)
+    except LigoError as e:
+        out["refused"] = str(e)
+        return out
+    out["loss_at_init"] = evaluate(target, init, val)[0]
+    result = train(target, init, batches, p.lr, val, s, steps, start_flops=extra_flops, start_wall=extra_wall,
+                   **kwargs)
+    out.update(curve=result["curve"], step_flops=result["step_flops"], extra_flops=extra_flops,
+               extra_wall=extra_wall)
+    return out
+
+
+# --- savings -------------------------------------------------------------------------------------------------------------
+
+
+def reach(curve: list, target_loss: float) -> tuple[float, float] | None:
+    """(FLOPs, wall) at which the validation loss first reaches ``target_loss``, interpolated linearly between
+    evaluations; None if it never does."""
+    prev = None
+    for point in curve:
+        _, flops, wall, loss, _ = point
+        if loss <= target_loss:
+            if prev is None or prev[3] == loss:
+                return float(flops), float(wall)
+            f = (prev[3] - target_loss) / (prev[3] - loss)
+            return prev[1] + f * (flops - prev[1]), prev[2] + f * (wall - prev[2])
+        prev = point
+    return None
+
+
+def savings(run: dict, scratch: dict, pretrain: dict | None) -> dict:
+    """Per run: saved FLOPs/wall (%) against scratch, with and without the small model's pretraining."""
+    if "refused" in run:
+        return {"refused": run["refused"]}
+    final_loss, final_acc = run["curve"][-1][3], run["curve"][-1][4]
+    goal = scratch["curve"][-1][3]
+    ref = reach(scratch["curve"], goal)
+    got = reach(run["curve"], goal)
+    # scratch reaching its own final loss at step 0 (no progress at all) leaves nothing to measure against
+    got = got if ref is not None and ref[0] > 0 else None
+    out = {"final_loss": final_loss, "final_acc": final_acc, "reached": got is not None}
+    uses_small = run["method"] != "scratch"
+    pre_f = pretrain["flops"] if (pretrain and uses_small) else 0.0
+    pre_w = pretrain["wall"] if (pretrain and uses_small) else 0.0
+    if got is not None:
+        out["flops_saved"] = 100 * (1 - got[0] / ref[0])
+        out["wall_saved"] = 100 * (1 - got[1] / ref[1])
+        out["flops_saved_pre"] = 100 * (1 - (got[0] + pre_f) / ref[0])
+        out["wall_saved_pre"] = 100 * (1 - (got[1] + pre_w) / ref[1])
+    return out
+
+
+def _mean_sd(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _pick_knobs(tuning: list[dict]) -> dict:
+    """Per proxy and knob method: the candidate with the most FLOPs saved on the tuning run (ties/none reached:
+    lowest final loss), with every candidate's score."""
+    chosen: dict = {}
+    by_proxy: dict = {}
+    for run in tuning:
+        by_proxy.setdefault(run["proxy"], []).append(run)
+    for proxy, runs in by_proxy.items():
+        scratch = next(r for r in runs if r["method"] == "scratch")
+        for method in KNOBS:
+            scores = []
+            for r in runs:
+                if r["method"] != method:
+                    continue
+                sv = savings(r, scratch, None)
+                scores.append({"value": r["knob"], "flops_saved": sv.get("flops_saved"),
+                               "final_loss": sv.get("final_loss"), "loss_fitted": r.get("loss_fitted"),
+                               "loss_init": r.get("loss_init"), "refused": sv.get("refused")})
+            ok = [c for c in scores if c["final_loss"] is not None]
+            best = max(ok, key=lambda c: (c["flops_saved"] if c["flops_saved"] is not None else -1e9,
+                                          -c["final_loss"])) if ok else scores[0]
+            chosen.setdefault(proxy, {})[method] = {"value": best["value"], "candidates": scores}
+    return chosen
+
+
+def _run_all(fn, jobs: list[dict], workers: int) -> list[dict]:
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def run_benchmark(proxies: list[Proxy], s: Settings, log=print) -> dict:
+    start = time.perf_counter()
+    seeds = list(s.seeds) + [s.tune_seed]
+    log(f"pretraining {len(proxies) * len(seeds)} small models ({s.pretrain_steps} steps each)")
+    pre = _run_all(pretrain_job, [dict(proxy=p, settings=s, seed=seed) for p in proxies for seed in seeds], s.jobs)
+    pretrained = {(r["proxy"], r["seed"]): r for r in pre}
+    for r in pre:
+        log(f"  {r['proxy']} seed {r['seed']}: small val loss {r['val_loss']:.3f} acc {r['val_acc']:.3f}")
+
+    tune_steps = s.steps  # tuning runs are as long as the measured ones
+    tuning_jobs = []
+    for p in proxies:
+        w = pretrained[(p.name, s.tune_seed)]["weights"]
+        base = dict(proxy=p, settings=s, seed=s.tune_seed, small_weights=w, steps=tune_steps)
+        tuning_jobs.append({**base, "method": "scratch"})
+        for method, (_, values) in KNOBS.items():
+            tuning_jobs += [{**base, "method": method, "knob": v} for v in values]
+    log(f"tuning: {len(tuning_jobs)} runs of {tune_steps} steps (seed {s.tune_seed})")
+    tuning = _run_all(method_job, tuning_jobs, s.jobs)
+    knobs = _pick_knobs(tuning)
+    for proxy, methods in knobs.items():
+        log(f"  {proxy}: " + ", ".join(f"{m} {KNOBS[m][0]}={c['value']:g}" for m, c in methods.items()))
+
+    jobs = []
+    for p in proxies:
+        for seed in s.seeds:
+            w = pretrained[(p.name, seed)]["weights"]
+            for method in METHODS:
+                knob = knobs[p.name][method]["value"] if method in KNOBS else None
+                jobs.append(dict(proxy=p, settings=s, seed=seed, method=method, knob=knob, small_weights=w,
+                                 steps=s.steps))
+    log(f"measuring: {len(jobs)} runs of {s.steps} steps")
+    runs = _run_all(method_job, jobs, s.jobs)
+    for r in runs:
+        scratch = next(x for x in runs if x["proxy"] == r["proxy"] and x["seed"] == r["seed"]
+                       and x["method"] == "scratch")
+        r["savings"] = savings(r, scratch, pretrained[(r["proxy"], r["seed"])])
+    return {"settings": asdict(s), "proxies": [asdict(p) for p in proxies], "knobs": knobs,
+            "pretrain": [{k: v for k, v in r.items() if k != "weights"} for r in pre],
+            "runs": runs, "tuning": [{k: v for k, v in r.items() if k not in ("small_weights",)} for r in tuning],
+            "wall_s": time.perf_counter() - start}
+
+
+# --- report --------------------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import transformers
+
+    import ligo_convert
+
+    import hashlib
+
+    growth = Path(ligo_convert.__file__).parent / "growth"
+    # the growth code is what the numbers depend on: fingerprint it, committed or not
+    code = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(growth.glob("*.py"))}
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "ligo_convert": ligo_convert.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "growth_code_sha256": code}
+
+
+def table(results: dict, proxy: str, pre: bool) -> list[str]:
+    suffix = "_pre" if pre else ""
+    runs = [r for r in results["runs"] if r["proxy"] == proxy]
+    lines = ["| method | FLOPs saved % | wall saved % | reached | final val loss | final val acc |",
+             "|---|---|---|---|---|---|"]
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        refused = [r for r in mine if "refused" in r]
+        if refused:
+            lines.append(f"| {method} | refused | refused | – | – | – |")
+            continue
+        sv = [r["savings"] for r in mine]
+        reached = [x for x in sv if x["reached"]]
+        knob = f" ({KNOBS[method][0]} {mine[0]['knob']:g})" if method in KNOBS else ""
+        lines.append(f"| {method}{knob} | {_mean_sd([x['flops_saved' + suffix] for x in reached])} | "
+                     f"{_mean_sd([x['wall_saved' + suffix] for x in reached])} | {len(reached)}/{len(sv)} | "
+                     f"{_mean_sd([x['final_loss'] for x in sv], 3)} | {_mean_sd([x['final_acc'] for x in sv], 3)} |")
+    return lines
+
+
+def summary(results: dict) -> list[str]:
+    """One row per method: FLOPs / wall saved (%) on every proxy, pretraining not counted (the paper's Table 1)."""
+    names = [p["name"] for p in results["proxies"]]
+    lines = ["| method | " + " | ".join(f"{n} FLOPs / wall saved %" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for method in METHODS:
+        cells = []
+        for n in names:
+            runs = [r for r in results["runs"] if r["proxy"] == n and r["method"] == method]
+            if any("refused" in r for r in runs):
+                cells.append("refused")
+                continue
+            ok = [r["savings"] for r in runs if r["savings"]["reached"]]
+            flops = statistics.mean(x["flops_saved"] for x in ok) if ok else None
+            wall = statistics.mean(x["wall_saved"] for x in ok) if ok else None
+            cells.append("not reached" if not ok else f"{flops:.1f} / {wall:.1f}"
+                         + ("" if len(ok) == len(runs) else f" ({len(ok)}/{len(runs)} reached)"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return ["Summary (mean over seeds; details, sd and the pretraining-counted figures below):", ""] + lines
+
+
+def markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    out = ["# Growth savings benchmark", "",
+           f"Command: `{command}`  ", f"Seeds: {s['seeds']} (tuning seed {s['tune_seed']}); total wall "
+           f"{results['wall_s'] / 60:.1f} min; versions: {json.dumps(results['versions'])}", "",
+           "Savings are against `scratch` on the same seed: FLOPs (forward+backward matrix products, LiGO's "
+           f"{s['fit_steps']} fitting steps and KI's teacher forwards counted) and training wall time until the "
+           "validation loss first reaches scratch's final validation loss (linear interpolation between "
+           f"evaluations every {s['eval_every']} steps). Every method trains {s['steps']} steps with the same AdamW, "
+           f"warmup ({s['warmup']:.0%}) + cosine schedule and batches. Mean ± sd over the seeds that reached the "
+           "goal (`reached`); a method that never reaches it saved less than nothing. Final quality: validation "
+           "loss/accuracy after the last step, over all seeds. Fixed before measuring, for every method alike: the "
+           "training learning rate, steps and batch size; LiGO as the paper's official recipe (per-layer width "
+           "matrices, noisy-stack depth and random-convex width initialisation, task objective), its fitting steps "
+           f"set to 5 % of the training steps ({s['fit_steps']}; the paper fits 100 steps of ~10^5) and its one knob "
+           "the fitting learning rate (relative: width matrices step by lr / D1, depth by lr / L1).", ""]
+    out += summary(results) + [""]
+    for p in results["proxies"]:
+        name = p["name"]
+        pre = [r for r in results["pretrain"] if r["proxy"] == name and r["seed"] in s["seeds"]]
+        scratch = [r for r in results["runs"] if r["proxy"] == name and r["method"] == "scratch"]
+        ligo = [r for r in results["runs"] if r["proxy"] == name and r["method"] == "ligo" and "curve" in r]
+        out += [f"## {name}: {p['family']} {p['small']} -> {p['target']}, lr {p['lr']:g}", "",
+                f"Scratch: {statistics.mean(r['curve'][-1][1] for r in scratch) / 1e12:.3f} TFLOPs in {s['steps']} "
+                f"steps ({statistics.mean(r['curve'][-1][2] for r in scratch):.1f} s). "
+                + (f"One LiGO fitting step costs {ligo[0]['fit_step_flops'] / ligo[0]['step_flops']['full']:.2f} "
+                   f"training steps; LiGO's validation loss {_mean_sd([r['loss_init'] for r in ligo], 3)} at init, "
+                   f"{_mean_sd([r['loss_fitted'] for r in ligo], 3)} after fitting (small model: "
+                   f"{_mean_sd([r['val_loss'] for r in pre], 3)})." if ligo else ""), "",
+                "Small model's pretraining not counted (the paper's convention):", ""]
+        out += table(results, name, pre=False)
+        out += ["", f"Small model's pretraining counted ({s['pretrain_steps']} steps, "
+                    f"{statistics.mean(r['flops'] for r in pre) / 1e12:.2f} TFLOPs, small val loss "
+                    f"{_mean_sd([r['val_loss'] for r in pre], 3)}):", ""]
+        out += table(results, name, pre=True)
+        refused = {r["refused"] for r in results["runs"] if r["proxy"] == name and "refused" in r}
+        for msg in sorted(refused):
+            out.append(f"\nRefused: {msg}")
+        out += ["", "Tuning (one knob, three values, tuning seed; FLOPs saved / final loss):", ""]
+        for method, c in results["knobs"][name].items():
+            cands = "; ".join(
+                f"{x['value']:g}: " + (f"{x['flops_saved']:.1f} %" if x["flops_saved"] is not None else "n.r.")
+                + (f" / {x['final_loss']:.3f}" if x["final_loss"] is not None else "")
+                + (f" (val loss at init {x['loss_init']:.3f}, after fitting {x['loss_fitted']:.3f})"
+                   if x.get("loss_fitted") is not None else "") for x in c["candidates"])
+            out.append(f"- {method} {KNOBS[method][0]} = **{c['value']:g}** — {cands}")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxies = [p["name"] for p in results["proxies"]]
+    pre = {(r["proxy"], r["seed"]): r["flops"] for r in results["pretrain"]}
+    fig, axes = plt.subplots(2, len(proxies), figsize=(5 * len(proxies), 8), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for col, name in enumerate(proxies):
+        for row, counted in enumerate((False, True)):
+            ax = axes[row][col]
+            goal, tops, lows = [], [], []
+            for i, method in enumerate(METHODS):
+                runs = [r for r in results["runs"] if r["proxy"] == name and r["method"] == method
+                        and "curve" in r]
+                if not runs:
+                    continue
+                n = min(len(r["curve"]) for r in runs)
+                shift = [pre[(name, r["seed"])] if (counted and method != "scratch") else 0.0 for r in runs]
+                x = [statistics.mean(r["curve"][k][1] + sh for r, sh in zip(runs, shift)) for k in range(n)]
+                y = [statistics.mean(r["curve"][k][3] for r in runs) for k in range(n)]
+                tops.append(y[min(1, n - 1)])
+                lows.append(min(y))
+                ax.plot(x, y, label=method, color=colors(i), lw=2.2 if method in (
+                    "ligo", "scratch") else 1.2)
+                if method == "scratch":
+                    goal = [r["curve"][-1][3] for r in runs]
+            if goal:
+                ax.axhline(statistics.mean(goal), color="grey", ls="--", lw=0.8)
+            if tops:  # from each curve's second evaluation down: the first steps of a random init dwarf the rest
+                ax.set_ylim(min(lows) - 0.05 * (max(tops) - min(lows)), max(tops))
+            ax.set_title(f"{name}: pretraining {'counted' if counted else 'not counted'}", fontsize=10)
+            ax.set_xlabel("training FLOPs")
+            ax.set_ylabel("validation loss")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models and runs: a pipeline smoke test (< 1 min)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for savings.md/.png/.json")
+    parser.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated subset of " + ", ".join(PROXIES))
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None)
+    parser.add_argument("--steps", type=int, default=None, help="training steps of the target")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (one thread each)")
+    args = parser.parse_args(argv)
+
+    s = QUICK if args.quick else Settings()
+    if args.seeds:
+        s = replace(s, seeds=args.seeds)
+    if args.steps:
+        s = replace(s, steps=args.steps, pretrain_steps=args.steps, eval_every=max(1, args.steps // 20),
+                    fit_steps=max(1, args.steps // 20))
+    if args.jobs:
+        s = replace(s, jobs=args.jobs)
+    proxies = [PROXIES[n] for n in args.proxies.split(",")]
+    if args.quick:
+        proxies = [quick_proxy(p) for p in proxies]
+    torch.set_num_threads(1)
+    results = run_benchmark(proxies, s, log=lambda m: print(m, flush=True))
+    results["versions"] = versions()
+    command = "python benchmarks/savings.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    results["command"] = command
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "savings.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (args.out / "savings.md").write_text(markdown(results, command))
+    plot(results, args.out / "savings.png")
+    print((args.out / "savings.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

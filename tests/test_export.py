@@ -1,0 +1,301 @@
+"""ONNX export: every family exports through the one canonical forward, the file matches transformers' own model at
+shapes never used at export, and validation fails loudly (exit 1, file renamed) when the file drifts."""
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from ligo_convert import LigoError, Spec, from_tensors, init_weights, load, save
+from ligo_convert import export as ex
+from ligo_convert.cli import main
+from ligo_convert.descriptors import load_descriptors
+
+TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+              patch_size=4, num_labels=5)
+
+# case -> (family, transformers class, config, family to convert into before export or None)
+CASES = {
+    "vit": ("hf-vit", "ViTForImageClassification", transformers.ViTConfig(**VISION), None),
+    "deit": ("hf-deit", "DeiTForImageClassificationWithTeacher", transformers.DeiTConfig(**VISION), None),
+    "timm-vit": ("timm-vit", "ViTForImageClassification", transformers.ViTConfig(**VISION, layer_norm_eps=1e-6),
+                 "timm-vit"),
+    "bert": ("hf-bert", "BertModel", transformers.BertConfig(**TEXT, max_position_embeddings=64), None),
+    "roberta": ("hf-roberta", "RobertaForMaskedLM", transformers.RobertaConfig(**TEXT, max_position_embeddings=66),
+                None),
+    "gpt2": ("hf-gpt2", "GPT2LMHeadModel", transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4,
+                                                                   n_positions=64), None),
+    "llama": ("llama", "LlamaForCausalLM", transformers.LlamaConfig(**TEXT, num_key_value_heads=2,
+                                                                    max_position_embeddings=64), None),
+}
+
+
+def need(family: str) -> None:
+    if family not in load_descriptors():
+        pytest.skip(f"descriptor {family} not written yet")
+
+
+def build(tmp_path, case: str):
+    """A tiny transformers model saved in its family's files (timm: converted from HF), with random norms and
+    biases so that a dropped or swapped tensor shows."""
+    family, cls, config, convert_to = CASES[case]
+    need(family)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    src = tmp_path / "hf"
+    if convert_to:
+        src = save(load(src), tmp_path / convert_to, family=convert_to)
+    return model, src
+
+
+def hf_inputs(spec: Spec, batch: int, seq: int) -> dict:
+    if spec.input == "patches":
+        return {"pixel_values": torch.randn(batch, spec.num_channels, spec.image_size, spec.image_size)}
+    x = ex.example_inputs(spec, batch, seq, seed=7)
+    x["input_ids"] = torch.where(x["attention_mask"].bool(), x["input_ids"].clamp(min=3),
+                                 x["input_ids"])  # no special ids among real tokens
+    return x
+
+
+def hf_outputs(model, x: dict) -> dict:
+    with torch.no_grad():
+        out = model(**x)
+    if getattr(out, "logits", None) is not None:
+        return {"logits": out.logits}
+    return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_transformers_at_unseen_shapes(tmp_path, case):
+    model, src = build(tmp_path, case)
+    ours = load(src)
+    assert ours.family == CASES[case][0]
+    report = ex.export_onnx(src, tmp_path / "m.onnx")
+    assert report.ok, report.failure()
+    assert report.path == str(tmp_path / "m.onnx") and report.external_data is None
+    spec = ours.spec
+
+    # validation ran at >= 3 shapes, batch 1 among them, and sequence lengths the export never saw
+    assert len(report.checks) >= 3
+    first = ex.input_names(spec)[0]
+    assert any(c.shapes[first][0] == 1 for c in report.checks)
+    if spec.input == "tokens":
+        assert {c.shapes[first][1] for c in report.checks} - {ex.EXPORT_SEQ}
+    assert report.max_diff <= 1e-4
+
+    # inputs, outputs and dynamic axes follow from the spec
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    if spec.input == "patches":
+        assert list(dims) == ["pixel_values"]
+        assert isinstance(dims["pixel_values"][0], str) and dims["pixel_values"][1:] == [3, 16, 16]
+    else:
+        want = ["input_ids", "attention_mask"] + (["token_type_ids"] if spec.type_vocab_size else [])
+        assert list(dims) == want
+        assert all(isinstance(d, str) for v in dims.values() for d in v)
+    assert [o.name for o in proto.graph.output] == report.outputs
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["ligo_convert.family"] == CASES[case][0]
+    assert meta["ligo_convert.source"] == str(src)
+    assert Spec.from_dict(json.loads(meta["ligo_convert.spec"])) == spec
+
+    # the file against transformers' own model, at a shape used neither at export nor in validation
+    x = hf_inputs(spec, 4, 17)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip(report.outputs, session.run(None, {k: v.numpy() for k, v in x.items()})))
+    for name, expected in hf_outputs(model, x).items():
+        value = torch.from_numpy(got[name])
+        if "attention_mask" in x and value.dim() == 3:  # padded places are not part of the answer
+            keep = x["attention_mask"].bool()
+            value, expected = value[keep], expected[keep]
+        assert (value - expected).abs().max().item() <= 1e-4, name
+
+
+def test_grown_model_exports(tmp_path):
+    from ligo_convert.grow import grow
+
+    _, src = build(tmp_path, "gpt2")
+    result = grow(src, layers=3, width=48, heads=6, mlp=192, out=tmp_path / "grown", steps=0)
+    grown = load(result.out)
+    assert (grown.spec.layers, grown.spec.width, grown.spec.heads) == (3, 48, 6)
+    report = ex.export_onnx(grown, tmp_path / "grown.onnx")
+    assert report.ok, report.failure()
+    # in memory too, straight from the growth result, with its own source note
+    in_memory = from_tensors(result.spec, result.weights, result.family)
+    report = ex.export_onnx(in_memory, tmp_path / "mem.onnx", source="grown from test")
+    assert report.ok, report.failure()
+    assert ex.read_metadata(tmp_path / "mem.onnx")["source"] == "grown from test"
+
+
+# --- validation fails loudly ---------------------------------------------------------------------------------------
+
+
+def tamper(path, out=None) -> str:
+    """Change ONE number of the largest weight matrix in an ONNX file; returns the initializer's name."""
+    proto = onnx.load(str(path))
+    target = max((t for t in proto.graph.initializer if len(t.dims) == 2), key=lambda t: t.dims[0] * t.dims[1])
+    array = numpy_helper.to_array(target).copy()
+    array[0, 0] += 0.5
+    target.CopyFrom(numpy_helper.from_array(array, target.name))
+    onnx.save(proto, str(out or path))
+    return target.name
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert")
+    transformers.BertForMaskedLM(transformers.BertConfig(**TEXT, max_position_embeddings=64)).save_pretrained(
+        tmp / "src")
+    return tmp / "src"
+
+
+def test_tampered_file_is_caught(tmp_path, bert):
+    runner = CliRunner()
+    good = tmp_path / "good.onnx"
+    result = runner.invoke(main, ["export", str(bert), "--out", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "max abs diff" in result.output and result.output.count(" ok\n") >= 3
+    result = runner.invoke(main, ["export", str(bert), "--out", str(good), "--validate-only"])
+    assert result.exit_code == 0, result.output
+
+    bad = tmp_path / "bad.onnx"
+    tamper(good, bad)
+    result = runner.invoke(main, ["export", str(bert), "--out", str(bad), "--validate-only"])
+    assert result.exit_code == 1
+    assert "validation failed: logits differs from PyTorch" in result.stderr
+    assert bad.exists()  # a file the user owns is reported, not moved
+
+
+def test_drift_during_export_exits_1_and_renames(tmp_path, bert, monkeypatch):
+    """An exporter that writes a file differing from PyTorch: the command says so, exits 1, and no file looks
+    valid (the stand-in for numeric drift is one tampered weight)."""
+    write = ex._write
+
+    def drifting_write(program, out, meta, data_name):
+        write(program, out, meta, data_name)
+        tamper(out)
+
+    monkeypatch.setattr(ex, "_write", drifting_write)
+    out = tmp_path / "model.onnx"
+    result = CliRunner().invoke(main, ["export", str(bert), "--out", str(out)])
+    assert result.exit_code == 1
+    invalid = tmp_path / "model.invalid.onnx"
+    assert not out.exists() and invalid.exists()
+    assert f"renamed {invalid}" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["model.invalid.onnx"]  # no temporary file left
+
+
+def test_float16_export_is_validated_against_float32(tmp_path):
+    need("hf-gpt2")
+    _, src = build(tmp_path, "gpt2")
+    report = ex.export_onnx(src, tmp_path / "half.onnx", dtype="float16")
+    assert report.ok, report.failure()
+    assert report.atol == ex.DEFAULT_ATOL["float16"] > ex.DEFAULT_ATOL["float32"]
+    assert 1e-6 < report.max_diff <= report.atol  # really rounded: not compared with itself
+    proto = onnx.load(str(tmp_path / "half.onnx"))
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert ex.read_metadata(tmp_path / "half.onnx")["dtype"] == "float16"
+
+
+def test_large_models_write_one_external_data_file(tmp_path, bert, monkeypatch):
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the weights were over 2 GB
+    report = ex.export_onnx(bert, tmp_path / "big.onnx")
+    assert report.ok and report.external_data == "big.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
+    locations = {e.value for t in onnx.load(str(tmp_path / "big.onnx"), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"big.onnx.data"}
+
+
+def test_json_report(tmp_path, bert):
+    result = CliRunner().invoke(main, ["export", str(bert), "--out", str(tmp_path / "m.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["outputs"] == ["logits"] and len(report["checks"]) == 3
+    assert report["checks"][0]["provider"] == "CPUExecutionProvider"
+
+
+# --- errors: one line, exit 2, nothing written -------------------------------------------------------------------
+
+
+def one_line_error(result, text: str):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--dtype", "bfloat16"], "cannot export as bfloat16"),
+    (["--opset", "13"], "opset 13 is not supported"),
+])
+def test_bad_options(tmp_path, bert, args, text):
+    result = CliRunner().invoke(main, ["export", str(bert), "--out", str(tmp_path / "m.onnx"), *args])
+    one_line_error(result, text)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnxruntime(tmp_path, bert, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    result = CliRunner().invoke(main, ["export", str(bert), "--out", str(tmp_path / "m.onnx")])
+    one_line_error(result, "onnxruntime is not installed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept(tmp_path, bert):
+    (tmp_path / "m.onnx").write_text("mine")
+    result = CliRunner().invoke(main, ["export", str(bert), "--out", str(tmp_path / "m.onnx")])
+    one_line_error(result, "exists; pass overwrite=True (--overwrite)")
+    assert (tmp_path / "m.onnx").read_text() == "mine"
+
+
+def test_models_the_exporter_cannot_take(tmp_path, bert, monkeypatch):
+    # an ONNX file is not a model to export
+    (tmp_path / "x.onnx").write_bytes(b"")
+    one_line_error(CliRunner().invoke(main, ["export", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "y.onnx")]),
+                   "expected a checkpoint folder")
+    spec = Spec(layers=1, width=16, heads=2, head_dim=8, mlp=32, vocab_size=50, max_positions=32, causal=True,
+                head="lm")
+    # tensors that disagree with the spec (e.g. a half-finished growth)
+    weights = init_weights(spec)
+    weights["layers.0.fc1.weight"] = torch.zeros(31, 16)
+    with pytest.raises(LigoError, match=r"tensor layers.0.fc1.weight has shape \(31, 16\)"):
+        ex.export_onnx(from_tensors(spec, weights, "hf-gpt2"), tmp_path / "a.onnx")
+    # a position table too short for a dynamic sequence axis
+    short = spec.replace(max_positions=1)
+    with pytest.raises(LigoError, match="allows only 1 token"):
+        ex.export_onnx(from_tensors(short, init_weights(short), "hf-gpt2"), tmp_path / "b.onnx")
+
+    # whatever torch.export itself refuses comes back as one line
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Could not guard on data-dependent expression\nlong trace...")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(LigoError, match="^the ONNX exporter cannot take this model") as info:
+        ex.export_onnx(from_tensors(spec, init_weights(spec), "hf-gpt2"), tmp_path / "c.onnx")
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
+def test_check_onnx_refuses_a_file_of_another_model(tmp_path, bert):
+    spec = Spec(layers=1, width=16, heads=2, head_dim=8, mlp=32, input="patches", image_size=8, patch_size=4,
+                num_channels=3, cls_token=True, head="classifier", num_classes=3)
+    vit = from_tensors(spec, init_weights(spec), "hf-vit")
+    assert ex.export_onnx(vit, tmp_path / "vit.onnx").ok
+    with pytest.raises(LigoError, match="do not match this model"):
+        ex.check_onnx(tmp_path / "vit.onnx", bert)
+    assert np.isfinite(ex.check_onnx(tmp_path / "vit.onnx", vit).max_diff)

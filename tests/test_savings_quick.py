@@ -1,0 +1,75 @@
+"""`benchmarks/savings.py --quick` runs end to end and writes a well-formed table, PNG and JSON.  A pipeline smoke
+test: it checks the structure of what the benchmark reports, never the savings themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("scratch", "ligo", "stack", "interpolate", "net2net", "aki", "lemon", "mslt", "ki")
+PROXIES = ("vit-digits", "gpt2-stdlib", "bert-stdlib")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("savings")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_table_has_every_proxy_method_and_both_conventions(quick):
+    md = (quick / "savings.md").read_text()
+    assert "Command: `python benchmarks/savings.py --quick --out" in md and "Seeds: [0, 1]" in md
+    header = "| method | FLOPs saved % | wall saved % | reached | final val loss | final val acc |"
+    assert md.count(header) == 2 * len(PROXIES)
+    for proxy in PROXIES:
+        section = md.split(f"## {proxy}:")[1].split("\n## ")[0]
+        assert "pretraining not counted" in section and "pretraining counted" in section
+        for method in METHODS:
+            rows = [line for line in section.splitlines() if line.startswith(f"| {method} ")]
+            assert len(rows) == 2, (proxy, method)
+            assert all(len(row.split("|")) == 8 for row in rows)
+        for knob in ("fit_lr", "frozen_fraction", "distill_fraction"):
+            assert f"{knob} = **" in section
+
+
+def test_png_is_an_image(quick):
+    import matplotlib.image
+
+    path = quick / "savings.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_json_holds_every_run_and_its_accounting(quick):
+    results = json.loads((quick / "savings.json").read_text())
+    assert results["settings"]["seeds"] == [0, 1] and results["versions"]["torch"]
+    runs = results["runs"]
+    assert sorted({(r["proxy"], r["seed"], r["method"]) for r in runs}) == sorted(
+        (p, s, m) for p in PROXIES for s in (0, 1) for m in METHODS)
+    for r in runs:
+        if "refused" in r:
+            assert r["method"] == "lemon" and r["proxy"] == "bert-stdlib"  # post-LN depth growth
+            continue
+        flops = [point[1] for point in r["curve"]]
+        assert flops == sorted(flops) and flops[-1] > flops[0], (r["proxy"], r["method"])
+        assert r["curve"][-1][0] == results["settings"]["steps"]
+        assert set(r["savings"]) >= {"final_loss", "final_acc", "reached"}
+        if r["method"] == "scratch" and r["savings"]["reached"]:  # the reference saves nothing, by definition
+            assert r["savings"]["flops_saved"] == r["savings"]["wall_saved"] == 0.0
+    ligo = [r for r in runs if r["method"] == "ligo"]
+    assert all(r["curve"][0][1] == r["extra_flops"] > 0 for r in ligo)  # the fitting steps are counted
+    mslt = [r for r in runs if r["method"] == "mslt"]
+    assert all(r["step_flops"]["frozen"] < r["step_flops"]["full"] for r in mslt)  # frozen layers skip backward
+    assert {len(c["candidates"]) for k in results["knobs"].values() for c in k.values()} == {3}
+    assert len(results["pretrain"]) == len(PROXIES) * 3  # two seeds and the tuning seed
