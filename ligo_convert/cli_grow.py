@@ -22,7 +22,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 Examples:
   ligo-convert pretrain micro-vit && ligo-convert grow micro-vit --layers 4 --width 128 --out grown-vit
   ligo-convert grow vit-small vit-base --data images/ --out vit-base-ligo
-  ligo-convert grow bert-small bert-base --steps 200 --lr 1e-4 --save-operator op.safetensors
+  ligo-convert grow bert-small bert-base --steps 200 --lr 3e-2 --save-operator op.safetensors
   ligo-convert grow bert-small bert-base --operator op.safetensors --out bert-base-again
   torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32
 """)
@@ -62,8 +62,8 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
                  dtype, overwrite, as_json):
     """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.
 
-    DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers/--width/--heads/
-    --mlp.  The operator is fitted for --steps steps on --data (GPU when present), then the large model is
+    DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers, --width, --heads
+    and --mlp.  The operator is fitted for --steps steps on --data (GPU when present), then the large model is
     materialised and written with its config, SRC's tokenizer files and growth.json.
     """
     import torch

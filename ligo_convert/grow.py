@@ -232,6 +232,9 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
         if fitting:
             obj, why = choose_objective(src.spec, objective)
             say(f"objective: {why}")
+            if not any(p.requires_grad for p in op.parameters()):
+                say(f"with --learn {learn} this growth has nothing to fit (that part does not grow); the initial "
+                    f"operator is written")
             tok_dir = src.source
             stream = data_mod.batches(spec_t, data, tok_dir, "train", batch_size, seq_len, seed)
             first = next(stream)  # bad or empty data fails here, before any fitting
