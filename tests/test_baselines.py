@@ -18,7 +18,7 @@ from ligo_convert.growth.operator import LigoOperator
 from ligo_convert.growth.pretrain import micro_spec
 from ligo_convert.model import init_weights
 from ligo_convert.objectives import task_loss
-from tests.helpers import loading_problems, max_diff
+from helpers import loading_problems, max_diff
 
 FAMILIES = sorted(load_descriptors())
 

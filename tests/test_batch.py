@@ -20,7 +20,7 @@ from ligo_convert import forward, load
 from ligo_convert.batch import find_manifest, load_manifest, select, shards
 from ligo_convert.cli import main
 from ligo_convert.export import check_onnx
-from tests.helpers import loading_problems, max_diff
+from helpers import loading_problems, max_diff
 
 REPO = Path(__file__).resolve().parents[1]
 

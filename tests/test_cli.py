@@ -21,7 +21,7 @@ from ligo_convert import LigoError, Spec, forward, from_tensors, load, save
 from ligo_convert.cli import main
 from ligo_convert.descriptors import load_descriptors
 from ligo_convert.zoo import _entry, entries, find_entry, target_sizes
-from tests.helpers import assert_same_files, loading_problems, max_diff, read_all
+from helpers import assert_same_files, loading_problems, max_diff, read_all
 
 CONFIG = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
               max_position_embeddings=64)

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from ligo_convert import forward, load, save
-from tests.helpers import assert_same_files, max_diff
+from helpers import assert_same_files, max_diff
 
 CONFIG = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
               max_position_embeddings=64)

@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import save_file
 
 from ligo_convert import LigoError, forward, from_tensors, load, save
-from tests.helpers import assert_same_files, loading_problems, max_diff, read_all
+from helpers import assert_same_files, loading_problems, max_diff, read_all
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 GPT2 = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ligo_convert import forward, load, save
 from ligo_convert.descriptors import get_descriptor
 from ligo_convert.errors import LigoError
-from tests.helpers import assert_same_files, max_diff, read_all
+from helpers import assert_same_files, max_diff, read_all
 
 CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
               patch_size=4, num_labels=5)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from ligo_convert import load
 from ligo_convert.cli import main
-from tests.helpers import assert_same_files
+from helpers import assert_same_files
 
 BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)

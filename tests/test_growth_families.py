@@ -16,7 +16,7 @@ import transformers
 from ligo_convert import forward, load, save
 from ligo_convert.descriptors import load_descriptors
 from ligo_convert.grow import grow
-from tests.helpers import max_diff
+from helpers import max_diff
 
 TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 IMAGE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,

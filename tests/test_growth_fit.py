@@ -20,7 +20,7 @@ from ligo_convert import forward, from_tensors, init_weights, load
 from ligo_convert.grow import grow
 from ligo_convert.growth.fit import evaluate_loss
 from ligo_convert.growth.pretrain import micro_spec, pretrain
-from tests.helpers import max_diff
+from helpers import max_diff
 
 ROOT = Path(__file__).resolve().parents[1]
 

