@@ -87,14 +87,6 @@ mlp = 48
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: a second intra-op thread only waits on the first (and on a busy machine, long)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def manifest(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     path = tmp_path / name

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 from click.testing import CliRunner
 
@@ -23,14 +22,6 @@ VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
            patch_size=4, num_labels=10)
 FAST = ["--steps", "2", "--batch-size", "4", "--seq-len", "16"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models run no faster on two threads, and far slower when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*args):

@@ -54,14 +54,6 @@ BUILDERS = {
 CASES = [(family, case) for family in sorted(load_descriptors()) for case in BUILDERS.get(family, [(None,) * 5])]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models run no faster on two threads, and far slower when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def inputs(kind: str) -> dict:
     if kind == "image":

@@ -25,14 +25,6 @@ from helpers import max_diff
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    """Micro models run no faster on two threads, and far slower when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_fitting_on_digits_beats_init_and_random_target(one_thread):
     spec = micro_spec("hf-vit", layers=2, width=64, heads=4, mlp=128)
