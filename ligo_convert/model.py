@@ -40,7 +40,10 @@ def norm(spec: Spec, w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
 
 
 def linear(w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
-    return F.linear(x, w[prefix + ".weight"], w.get(prefix + ".bias"))
+    # on (B, T, D) PyTorch itself folds to (B*T, D) and calls addmm, so this is the same arithmetic; spelled out, the
+    # ONNX exporter emits one Gemm with the bias fused instead of a 3-D MatMul plus a separate Add
+    y = F.linear(x.reshape(-1, x.shape[-1]), w[prefix + ".weight"], w.get(prefix + ".bias"))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def rotate_half(x: Tensor) -> Tensor:

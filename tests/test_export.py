@@ -302,3 +302,32 @@ def test_check_onnx_refuses_a_file_of_another_model(tmp_path, bert):
     with pytest.raises(LigoError, match="do not match this model"):
         ex.check_onnx(tmp_path / "vit.onnx", bert)
     assert np.isfinite(ex.check_onnx(tmp_path / "vit.onnx", vit).max_diff)
+
+
+# --- the graph onnxruntime runs fast --------------------------------------------------------------------------------
+
+
+def test_linears_are_gemm_with_bias_and_gelu_is_one_op(tmp_path):
+    """Every biased linear is ONE Gemm (bias fused), not a 3-D MatMul plus an Add; at the default opset GELU is one
+    Gelu node, not Div/Erf/Add/Mul/Mul; opset 18 (no Gelu op) still exports and validates."""
+    need("hf-vit")
+    spec = Spec(width=32, heads=4, head_dim=8, mlp=64, layers=2, input="patches", image_size=16, patch_size=4,
+                num_channels=3, cls_token=True, head="classifier", num_classes=5)
+    weights = init_weights(spec, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for name in weights:  # non-zero biases: the exporter drops an all-zero one, which would hide a missing fusion
+        if name.endswith("bias"):
+            weights[name] = torch.randn(weights[name].shape, generator=g) * 0.1
+    model = from_tensors(spec, weights, "hf-vit")
+    for opset in (ex.DEFAULT_OPSET, 18):
+        report = ex.export_onnx(model, tmp_path / f"vit{opset}.onnx", opset=opset)
+        assert report.ok and report.opset == opset, report.failure()
+        ops = [n.op_type for n in onnx.load(report.path).graph.node]
+        assert ops.count("Gemm") == 6 * spec.layers + 1  # q, k, v, o, fc1, fc2 per layer, and the classifier
+        assert all(len(n.input) == 3 for n in onnx.load(report.path).graph.node if n.op_type == "Gemm")
+        assert ops.count("MatMul") == 2 * spec.layers  # only the attention's scores and mix remain MatMuls
+        if opset >= 20:
+            assert ops.count("Gelu") == spec.layers and "Erf" not in ops
+        else:
+            assert ops.count("Erf") == spec.layers
+    assert ex.DEFAULT_OPSET >= 20  # the default has the Gelu op
