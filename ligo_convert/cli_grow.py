@@ -56,10 +56,12 @@ Examples:
 @click.option("--save-operator", type=click.Path(dir_okay=False), help="Write the fitted operator (safetensors).")
 @click.option("--dtype", type=click.Choice(_DTYPES), help="Output dtype [default: the source's].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print growth.json.")
+@click.option("--onnx", "onnx_export", is_flag=True,
+              help="Also export OUT/model.onnx and validate it with onnxruntime (exit 1 if it drifts).")
+@click.option("--json", "as_json", is_flag=True, help="Print growth.json (with the ONNX report under 'onnx').")
 def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, objective, steps, lr, batch_size,
                  seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
-                 dtype, overwrite, as_json):
+                 dtype, overwrite, onnx_export, as_json):
     """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.
 
     DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers, --width, --heads
@@ -79,14 +81,23 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
                   log=lambda msg: click.echo(msg, err=as_json) if world()[0] == 0 else None, progress=True)
     if result.out is None:  # ranks other than 0 write nothing
         return
+    onnx_report = None
+    if onnx_export:
+        from .export import export_onnx
+
+        onnx_report = export_onnx(result.out, Path(result.out) / "model.onnx",
+                                  log=lambda msg: click.echo(msg, err=as_json))
     if as_json:
-        click.echo(json.dumps(result.report, indent=2))
-        return
-    r = result.report
-    s, t = r["source_spec"], r["target_spec"]
-    click.echo(f"grew {s['layers']}x{s['width']} ({s['heads']} heads) -> {t['layers']}x{t['width']} "
-               f"({t['heads']} heads) as {result.family}: {r['variant']} width, {r['operator_parameters']:,} "
-               f"operator parameters")
+        click.echo(json.dumps({**result.report, "onnx": onnx_report.to_dict() if onnx_report else None}, indent=2))
+    else:
+        r = result.report
+        s, t = r["source_spec"], r["target_spec"]
+        click.echo(f"grew {s['layers']}x{s['width']} ({s['heads']} heads) -> {t['layers']}x{t['width']} "
+                   f"({t['heads']} heads) as {result.family}: {r['variant']} width, {r['operator_parameters']:,} "
+                   f"operator parameters")
+    if onnx_report is not None and not onnx_report.ok:
+        click.echo(f"error: {onnx_report.failure()}", err=True)
+        sys.exit(1)
 
 
 @click.command("pretrain", epilog="""\b

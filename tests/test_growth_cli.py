@@ -175,3 +175,16 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(rows) == 4 and all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in rows.values())
     assert any("grown, after 5 fitting steps" in line for line in lines)
     assert transformers.ViTForImageClassification.from_pretrained(tmp_path / "grown").config.num_hidden_layers == 4
+
+
+def test_grow_onnx_exports_and_validates(tmp_path, vit):
+    """`grow --onnx` writes OUT/model.onnx right after growing, proven with onnxruntime."""
+    result = invoke("grow", vit, "--layers", "3", "--width", "48", "--mlp", "96", *FAST, "--onnx", "--json",
+                    "--out", tmp_path / "grown")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["onnx"]["ok"] and report["onnx"]["max_diff"] <= report["onnx"]["atol"]
+    assert (tmp_path / "grown" / "model.onnx").is_file()
+    from ligo_convert.export import read_metadata
+
+    assert read_metadata(tmp_path / "grown" / "model.onnx")["family"] == "hf-vit"
