@@ -8,6 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny test models run no faster on two threads, and far slower when the cores are busy.  Set at import so that
+# module-scoped fixtures compute with the same thread count as the tests that compare against them.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -16,7 +20,7 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny test models run no faster on two threads, and far slower when the cores are busy."""
+    """Keep one thread in every test, whatever an earlier test set."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
