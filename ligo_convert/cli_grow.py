@@ -11,6 +11,7 @@ import click
 from .errors import LigoError
 from .growth.fit import DEFAULT_LR, DEFAULT_STEPS
 from .growth.init import DEFAULT_NOISE, DEPTH_INITS, WIDTH_INITS
+from .growth.baselines import LIGO_INIT_NOTES, METHOD_NOTES, METHODS
 from .growth.operator import LEARN
 from .objectives import OBJECTIVES
 
@@ -18,14 +19,21 @@ _DTYPES = ("float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-@click.command("grow", epilog="""\b
+_GROW_EXAMPLES = """\b
 Examples:
   ligo-convert pretrain micro-vit && ligo-convert grow micro-vit --layers 4 --width 128 --out grown-vit
   ligo-convert grow vit-small vit-base --data images/ --out vit-base-ligo
   ligo-convert grow bert-small bert-base --steps 200 --lr 3e-2 --save-operator op.safetensors
   ligo-convert grow bert-small bert-base --operator op.safetensors --out bert-base-again
+  ligo-convert grow micro-vit --layers 4 --width 128 --method lemon --out lemon-vit
   torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32
-""")
+"""
+# Methods: what each does and how it grows the axis it does not define (also written to growth.json).
+_METHODS_HELP = "\n\n".join(f"{name}: {note}" for name, note in METHOD_NOTES.items())
+LIGO_INITS = tuple(LIGO_INIT_NOTES)
+
+
+@click.command("grow", epilog=_GROW_EXAMPLES + "\n\nMethods (--method):\n\n" + _METHODS_HELP)
 @click.argument("src")
 @click.argument("dst", required=False)
 @click.option("--layers", type=int, help="Target layers (overrides DST).")
@@ -56,12 +64,16 @@ Examples:
 @click.option("--save-operator", type=click.Path(dir_okay=False), help="Write the fitted operator (safetensors).")
 @click.option("--dtype", type=click.Choice(_DTYPES), help="Output dtype [default: the source's].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--method", type=click.Choice(("ligo",) + METHODS), default="ligo", show_default=True,
+              help="ligo, or a baseline (no fitting): see the method notes below.")
+@click.option("--init", "init_method", type=click.Choice(LIGO_INITS), default=None,
+              help="Start the LiGO operator from this method's expansion (instead of --depth-init/--width-init).")
 @click.option("--onnx", "onnx_export", is_flag=True,
               help="Also export OUT/model.onnx and validate it with onnxruntime (exit 1 if it drifts).")
 @click.option("--json", "as_json", is_flag=True, help="Print growth.json (with the ONNX report under 'onnx').")
 def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, objective, steps, lr, batch_size,
                  seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
-                 dtype, overwrite, onnx_export, as_json):
+                 dtype, overwrite, method, init_method, onnx_export, as_json):
     """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.
 
     DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers, --width, --heads
@@ -78,7 +90,8 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
                   seed=seed, device=device, depth_init=depth_init, width_init=width_init, noise=noise,
                   shared_width=shared_width, learn=learn, operator=operator, save_operator=save_operator,
                   dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite,
-                  log=lambda msg: click.echo(msg, err=as_json) if world()[0] == 0 else None, progress=True)
+                  log=lambda msg: click.echo(msg, err=as_json) if world()[0] == 0 else None, progress=True,
+                  method=method, init=init_method)
     if result.out is None:  # ranks other than 0 write nothing
         return
     onnx_report = None
@@ -92,9 +105,10 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
     else:
         r = result.report
         s, t = r["source_spec"], r["target_spec"]
+        how = (f"{r['variant']} width, {r['operator_parameters']:,} operator parameters" if method == "ligo" else
+               f"{method}, {'function-preserving' if r['function_preserving'] else 'not function-preserving'}")
         click.echo(f"grew {s['layers']}x{s['width']} ({s['heads']} heads) -> {t['layers']}x{t['width']} "
-                   f"({t['heads']} heads) as {result.family}: {r['variant']} width, {r['operator_parameters']:,} "
-                   f"operator parameters")
+                   f"({t['heads']} heads) as {result.family}: {how}")
     if onnx_report is not None and not onnx_report.ok:
         click.echo(f"error: {onnx_report.failure()}", err=True)
         sys.exit(1)

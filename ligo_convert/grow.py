@@ -31,6 +31,7 @@ from .checkpoint import read_config, resolve_source
 from .descriptors import Descriptor, detect_family, get_descriptor
 from .errors import LigoError
 from .exprs import Unresolved, evaluate
+from .growth import baselines
 from .growth import init as inits
 from .growth.fit import DEFAULT_LR, DEFAULT_STEPS, Teacher, distributed, evaluate_loss, fit, resolve_device, world
 from .growth.operator import LigoOperator, check_growable
@@ -171,11 +172,13 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
          shared_width: bool = False, learn: str = "both", operator: str | os.PathLike | None = None,
          save_operator: str | os.PathLike | None = None, eval_batches: int = 8, overwrite: bool = False,
          write: bool = True, dtype: torch.dtype | None = None, log: Callable[[str], None] | None = None,
-         progress: bool = False) -> GrowResult:
+         progress: bool = False, method: str = "ligo", init: str | None = None) -> GrowResult:
     """Grow ``source`` (a checkpoint folder, zoo name, hub id or :class:`CanonicalModel`) with LiGO.
 
     Fits the operator for ``steps`` steps (0: keep the initial operator; ``operator``: apply a saved one without
-    fitting), then writes the grown model to ``out`` (``write=False``: only return it).  Every user error raises
+    fitting), then writes the grown model to ``out`` (``write=False``: only return it).  ``method`` picks a baseline
+    instead of LiGO (``stack``, ``interpolate``, ``net2net``, ``aki``, ``lemon``, ``scratch``: no operator, no
+    fitting); ``init`` starts the LiGO operator from one of those methods' expansions.  Every user error raises
     :class:`LigoError` before anything is written; the source is never touched.
     """
     say = log or (lambda msg: None)
@@ -196,18 +199,45 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
         raise LigoError(f"unknown width init {width_init!r}; choose one of {', '.join(inits.WIDTH_INITS)}")
     if steps < 0:
         raise LigoError(f"--steps must be 0 or more, not {steps}")
+    if method != "ligo" and method not in baselines.METHODS:
+        raise LigoError(f"unknown method {method!r}; choose one of ligo, {', '.join(baselines.METHODS)}")
+    if method != "ligo" and (init or operator):
+        raise LigoError(f"--init and --operator belong to the ligo method, not {method}")
+    method_info = baselines.describe(method, src.spec, spec_t) if method != "ligo" else {}  # refusals happen here
     if out is None and write:
         tname = target_name or f"L{spec_t.layers}-D{spec_t.width}"
-        out = Path(f"{tname}-from-{_name_of(source)}-ligo")
+        out = Path(f"{tname}-from-{_name_of(source)}-{method}")
     if write and out is not None and Path(out).exists() and not overwrite:
         raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
     dev = resolve_device(device)
 
+    def run_baseline() -> tuple[dict, dict]:
+        weights = src.materialize(torch.float32)
+        grown = getattr(baselines, method)(src.spec, weights, spec_t, seed)
+        report: dict = {
+            "source": str(src.source) if src.source is not None else _name_of(source),
+            "source_family": src.family, "target": target or None, "family": out_family, **method_info,
+            "source_spec": _sizes(src.spec), "target_spec": _sizes(spec_t), "seed": seed, "steps": 0,
+        }
+        if eval_batches > 0:  # the same held-out loss LiGO reports at init, for comparison
+            obj, why = choose_objective(src.spec, objective)
+            val = list(itertools.islice(data_mod.batches(spec_t, data, src.source, "val", batch_size, seq_len, seed),
+                                        eval_batches))
+            teacher = Teacher(src.spec, weights, dev) if obj == "distill" else None
+            report.update({"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, data),
+                           "loss_init": evaluate_loss(spec_t, grown, val, obj, teacher, dev)})
+            say(f"{method}: validation {obj} loss of the grown model {report['loss_init']:.4f}")
+        return grown, report
+
     def run() -> GrowResult:
         rank, size = world()
+        if method != "ligo":
+            grown, report = run_baseline()
+            return finish(rank, grown, report, None)
         weights = src.materialize(torch.float32)
         op = LigoOperator(src.spec, spec_t, weights, shared_width=shared_width, learn=learn)
         op.initialize(depth_init, width_init, noise, seed)
+        init_note = baselines.ligo_init(op, init, seed) if init else None
         op.to(dev)
         fitting = operator is None and steps > 0
         report: dict = {
@@ -218,7 +248,8 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
             "method": "ligo",
             "variant": "shared" if shared_width else "per-layer",
             "learn": learn,
-            "init": {"depth": depth_init, "width": width_init, "noise": noise},
+            "init": ({"method": init, "note": init_note} if init else
+                     {"depth": depth_init, "width": width_init, "noise": noise}),
             "source_spec": _sizes(src.spec),
             "target_spec": _sizes(spec_t),
             "operator_parameters": op.operator_parameter_count(),
@@ -271,16 +302,19 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
                            "fit_wall_s": round(result.wall_s, 3), "world_size": size})
         elif operator is None:
             report["steps"] = 0
-        report.update({"device": str(dev), "versions": {"ligo_convert": __version__, "torch": torch.__version__,
-                                                         "python": platform.python_version()}})
         with torch.no_grad():
             grown = {k: v.detach().cpu() for k, v in op().items()}
+        if rank == 0 and save_operator is not None:
+            op.save(save_operator, {k: report.get(k) for k in ("steps", "lr", "objective", "data", "seed")})
+        return finish(rank, grown, report, op)
+
+    def finish(rank: int, grown: dict, report: dict, op) -> GrowResult:
+        report.update({"device": str(dev), "versions": {"ligo_convert": __version__, "torch": torch.__version__,
+                                                         "python": platform.python_version()}})
         out_dtype = dtype or src.dtype or torch.float32
         grown = {k: v.to(out_dtype) for k, v in grown.items()}
         written = None
         if rank == 0:
-            if save_operator is not None:
-                op.save(save_operator, {k: report.get(k) for k in ("steps", "lr", "objective", "data", "seed")})
             report["wall_s"] = round(time.perf_counter() - wall, 3)
             if write:
                 model = from_tensors(spec_t, grown, family=out_family, config=src.config, source=src.source)

@@ -23,7 +23,6 @@ VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
 FAST = ["--steps", "2", "--batch-size", "4", "--seq-len", "16"]
 
 
-
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
@@ -188,3 +187,34 @@ def test_grow_onnx_exports_and_validates(tmp_path, vit):
     from ligo_convert.export import read_metadata
 
     assert read_metadata(tmp_path / "grown" / "model.onnx")["family"] == "hf-vit"
+
+
+@pytest.mark.parametrize("method", ["stack", "interpolate", "net2net", "aki", "lemon", "scratch"])
+def test_every_method_writes_a_model_transformers_loads(tmp_path, vit, method):
+    """`grow --method M`: the baseline's model in the family's layout, and growth.json says how it grew."""
+    result = invoke("grow", vit, "--layers", "4", "--width", "64", "--heads", "8", "--mlp", "128", "--method", method,
+                    "--batch-size", "4", "--json", "--out", tmp_path / "grown")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == method and report["steps"] == 0 and "method_note" in report
+    assert isinstance(report["function_preserving"], bool) and report["function_preserving_reason"]
+    model, info = transformers.ViTForImageClassification.from_pretrained(tmp_path / "grown", output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 64
+    growth = json.loads((tmp_path / "grown" / "growth.json").read_text())
+    assert growth["method"] == method
+
+
+def test_ligo_starts_from_another_method(tmp_path, vit):
+    result = invoke("grow", vit, "--layers", "4", "--init", "stack", *FAST, "--json", "--out", tmp_path / "grown")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "ligo" and report["init"]["method"] == "stack" and report["init"]["note"]
+
+
+def test_lemon_refuses_post_ln_depth_growth(tmp_path, bert):
+    refused(tmp_path, bert, "--layers", "4", "--method", "lemon", match="lemon")
+
+
+def test_baselines_take_no_operator_options(tmp_path, vit):
+    refused(tmp_path, vit, "--layers", "4", "--method", "stack", "--init", "net2net", match="--init")
