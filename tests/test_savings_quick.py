@@ -29,7 +29,8 @@ def quick(tmp_path_factory):
 def test_table_has_every_proxy_method_and_both_conventions(quick):
     md = (quick / "savings.md").read_text()
     assert "Command: `python benchmarks/savings.py --quick --out" in md and "Seeds: [0, 1]" in md
-    header = "| method | FLOPs saved % | wall saved % | reached | final val loss | final val acc |"
+    header = ("| method | FLOPs saved % | wall saved % | train steps to goal | reached | final val loss | final val acc "
+              "|")
     assert md.count(header) == 2 * len(PROXIES)
     for proxy in PROXIES:
         section = md.split(f"## {proxy}:")[1].split("\n## ")[0]
@@ -37,7 +38,7 @@ def test_table_has_every_proxy_method_and_both_conventions(quick):
         for method in METHODS:
             rows = [line for line in section.splitlines() if line.startswith(f"| {method} ")]
             assert len(rows) == 2, (proxy, method)
-            assert all(len(row.split("|")) == 8 for row in rows)
+            assert all(len(row.split("|")) == 9 for row in rows)
         for knob in ("fit_lr", "frozen_fraction", "distill_fraction"):
             assert f"{knob} = **" in section
 
@@ -73,3 +74,11 @@ def test_json_holds_every_run_and_its_accounting(quick):
     assert all(r["step_flops"]["frozen"] < r["step_flops"]["full"] for r in mslt)  # frozen layers skip backward
     assert {len(c["candidates"]) for k in results["knobs"].values() for c in k.values()} == {3}
     assert len(results["pretrain"]) == len(PROXIES) * 3  # two seeds and the tuning seed
+
+
+def test_render_rewrites_the_report_from_json(quick, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--render",
+                           str(quick / "savings.json"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "savings.md").read_text() == (quick / "savings.md").read_text()
+    assert (tmp_path / "savings.png").read_bytes()[:4] == b"\x89PNG"
