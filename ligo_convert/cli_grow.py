@@ -20,13 +20,13 @@ _DEVICES = ("auto", "cpu", "cuda")
 
 
 _GROW_EXAMPLES = """\b
-Examples:
+Examples (offline; the last needs vit-small in the Hugging Face cache):
   ligo-convert pretrain micro-vit && ligo-convert grow micro-vit --layers 4 --width 128 --out grown-vit
-  ligo-convert grow vit-small vit-base --data images/ --out vit-base-ligo
-  ligo-convert grow bert-small bert-base --steps 200 --lr 3e-2 --save-operator op.safetensors
-  ligo-convert grow bert-small bert-base --operator op.safetensors --out bert-base-again
+  ligo-convert grow micro-vit --layers 4 --width 128 --steps 200 --save-operator op.safetensors --out grown-a
+  ligo-convert grow micro-vit --layers 4 --width 128 --operator op.safetensors --out grown-b --onnx
   ligo-convert grow micro-vit --layers 4 --width 128 --method lemon --out lemon-vit
-  torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32
+  torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32 --out grown-ddp
+  ligo-convert grow vit-small vit-base --data images/ --out vit-base-ligo
 """
 # Methods: what each does and how it grows the axis it does not define (also written to growth.json).
 _METHODS_HELP = "\n\n".join(f"{name}: {note}" for name, note in METHOD_NOTES.items())
