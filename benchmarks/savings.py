@@ -2,8 +2,8 @@
 
 Three proxies — a ViT on scikit-learn's digits, a GPT-2-style causal LM and a BERT-style (post-LN) masked LM on the
 Python standard library's source text — each grown from a pretrained small model (2 layers x 64) into a target
-(4 x 128, heads grown at a fixed head dim); the small model pretrains for a third of the target's steps (see
-``Proxy.pretrain_fraction``).  For every seed: pretrain the small model; then train the target from
+(4 x 128, heads grown at a fixed head dim); the small model pretrains as long as the target on digits and a third
+as long on text (see ``Proxy.pretrain_fraction``).  For every seed: pretrain the small model; then train the target from
 each method's initialisation with the same optimiser (AdamW), schedule (linear warmup, cosine decay) and batches as
 ``scratch``.  Methods: ``scratch``, ``ligo`` (the operator fitted for a few steps, then trained), ``stack``,
 ``interpolate``, ``net2net``, ``aki``, ``lemon`` (ligo_convert.growth.baselines), and the training-procedure
@@ -20,7 +20,7 @@ MSLT: fraction of steps that train only the new top layers; KI: fraction of step
 separate tuning seed by the FLOPs saved in a full-length run (ties: final loss).  Methods without a knob get none;
 the training learning rate is shared and fixed.
 
-    python benchmarks/savings.py                      # default: ~20 min on 2 idle cores
+    python benchmarks/savings.py                      # default: ~20 min on 2 idle cores, 26 min shared
     python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
 """
 
