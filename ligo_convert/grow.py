@@ -213,7 +213,7 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
 
     def run_baseline() -> tuple[dict, dict]:
         weights = src.materialize(torch.float32)
-        grown = getattr(baselines, method)(src.spec, weights, spec_t, seed)
+        grown = baselines.expand(method, src.spec, weights, spec_t, seed)
         report: dict = {
             "source": str(src.source) if src.source is not None else _name_of(source),
             "source_family": src.family, "target": target or None, "family": out_family, **method_info,

@@ -110,7 +110,7 @@ def test_lemon_refuses_what_post_ln_cannot_do_losslessly(family):
         B.expand("lemon", spec, w, spec.replace(layers=3))
     assert "\n" not in str(e.value)
     with pytest.raises(LigoError, match="multiple of 32"):
-        B.lemon(spec, w, wider(spec, 5, 4))
+        B.expand("lemon", spec, w, wider(spec, 5, 4))
     with pytest.raises(LigoError, match="post-LN"):
         B.preservation("lemon", spec, spec.replace(layers=3))
 
@@ -154,12 +154,12 @@ def test_methods_are_deterministic_and_documented():
         assert method in B.METHOD_NOTES and B.METHOD_NOTES[method]
         a, b = B.expand(method, spec, w, target, seed=5), B.expand(method, spec, w, target, seed=5)
         assert all(torch.equal(a[k], b[k]) for k in a), method
-    assert not torch.equal(B.net2net(spec, w, target, 1)["layers.0.fc1.weight"],
-                           B.net2net(spec, w, target, 2)["layers.0.fc1.weight"])
+    assert not torch.equal(B.expand("net2net", spec, w, target, 1)["layers.0.fc1.weight"],
+                           B.expand("net2net", spec, w, target, 2)["layers.0.fc1.weight"])
     with pytest.raises(LigoError, match="unknown growth method"):
         B.expand("bogus", spec, w, target)
     with pytest.raises(LigoError, match="smaller"):
-        B.expand("stack", target, B.stack(spec, w, target), spec)
+        B.expand("stack", target, B.expand("stack", spec, w, target), spec)
 
 
 # --- real transformers models ------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_lemon_new_channels_learn():
     """LEMON's zero-output blocks and new channels are not dead: one training step moves their weights."""
     spec, w = small("hf-vit")
     target = wider(spec, 5, 4, layers=3)
-    weights = {k: v.float().requires_grad_(True) for k, v in B.lemon(spec, w, target).items()}
+    weights = {k: v.float().requires_grad_(True) for k, v in B.expand("lemon", spec, w, target).items()}
     batch = {"pixel_values": inputs(spec, torch.float32)["pixel_values"], "labels": torch.tensor([0, 1])}
     task_loss(target, forward(target, weights, **data_mod.model_inputs(batch)), batch).backward()
     assert weights["layers.1.o.weight"].grad.abs().sum() > 0  # the zero-output copy's output learns

@@ -358,30 +358,6 @@ def expand(method: str, source: Spec, weights: Mapping[str, Tensor], target: Spe
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-def stack(source: Spec, weights: Mapping[str, Tensor], target: Spec, seed: int = 0) -> dict[str, Tensor]:
-    return expand("stack", source, weights, target, seed)
-
-
-def interpolate(source: Spec, weights: Mapping[str, Tensor], target: Spec, seed: int = 0) -> dict[str, Tensor]:
-    return expand("interpolate", source, weights, target, seed)
-
-
-def net2net(source: Spec, weights: Mapping[str, Tensor], target: Spec, seed: int = 0) -> dict[str, Tensor]:
-    return expand("net2net", source, weights, target, seed)
-
-
-def aki(source: Spec, weights: Mapping[str, Tensor], target: Spec, seed: int = 0) -> dict[str, Tensor]:
-    return expand("aki", source, weights, target, seed)
-
-
-def lemon(source: Spec, weights: Mapping[str, Tensor], target: Spec, seed: int = 0) -> dict[str, Tensor]:
-    return expand("lemon", source, weights, target, seed)
-
-
-def scratch(source: Spec, weights: Mapping[str, Tensor], target: Spec, seed: int = 0) -> dict[str, Tensor]:
-    return expand("scratch", source, weights, target, seed)
-
-
 # --- what is preserved -------------------------------------------------------------------------------------------------
 
 
