@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("scratch", "ligo", "stack", "interpolate", "net2net", "aki", "lemon", "mslt", "ki")
-PROXIES = ("vit-digits", "gpt2-stdlib", "bert-stdlib")
+PROXIES = ("vit-digit-pairs", "gpt2-stdlib", "bert-stdlib")  # the default proxies
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,9 @@ def test_json_holds_every_run_and_its_accounting(quick):
             continue
         flops = [point[1] for point in r["curve"]]
         assert flops == sorted(flops) and flops[-1] > flops[0], (r["proxy"], r["method"])
-        assert r["curve"][-1][0] == results["settings"]["steps"]
+        proxy = next(p for p in results["proxies"] if p["name"] == r["proxy"])
+        assert r["curve"][-1][0] == proxy["settings"]["steps"] == round(results["settings"]["steps"]
+                                                                         * proxy["steps_scale"])
         assert set(r["savings"]) >= {"final_loss", "final_acc", "reached"}
         if r["method"] == "scratch" and r["savings"]["reached"]:  # the reference saves nothing, by definition
             assert r["savings"]["flops_saved"] == r["savings"]["wall_saved"] == 0.0
@@ -82,3 +84,23 @@ def test_render_rewrites_the_report_from_json(quick, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "savings.md").read_text() == (quick / "savings.md").read_text()
     assert (tmp_path / "savings.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ligo_variants_change_the_recipe_and_count_their_fitting():
+    """The variants benchmarks/savings_ligo_variants.py compares: more fitting steps cost more FLOPs, distillation
+    counts the teacher's forwards, and each variant yields a trained curve."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import savings as sv
+
+    p = sv.quick_proxy(sv.PROXIES["gpt2-stdlib"])
+    s = sv.QUICK
+    small = sv.pretrain_job(dict(proxy=p, settings=s, seed=0))["weights"]
+    base = dict(proxy=p, settings=s, seed=0, small_weights=small, steps=s.steps, method="ligo", knob=0.01)
+    runs = {name: sv.method_job({**base, "ligo_variant": variant}) for name, variant in {
+        "recipe": {}, "longer": {"fit_steps": 2 * s.fit_steps}, "distill": {"objective": "distill"},
+        "shared": {"shared_width": True, "depth_init": "interleave", "width_init": "select"}}.items()}
+    assert runs["longer"]["extra_flops"] == 2 * runs["recipe"]["extra_flops"] > 0
+    assert runs["distill"]["fit_step_flops"] > runs["recipe"]["fit_step_flops"]  # + the small model's forward
+    assert runs["shared"]["loss_init"] != runs["recipe"]["loss_init"]
+    for run in runs.values():
+        assert len(run["curve"]) > 1 and all(point[3] == point[3] for point in run["curve"])  # finite, no NaN
