@@ -22,7 +22,7 @@ MSLT: fraction of steps that train only the new top layers; KI: fraction of step
 separate tuning seed by the FLOPs saved in a full-length run (ties: final loss).  Methods without a knob get none;
 the training learning rate is shared and fixed.
 
-    python benchmarks/savings.py                      # default: ~25-30 min on 2 cores
+    python benchmarks/savings.py                      # default: 27 min on 2 cores
     python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
 """
 
