@@ -5,12 +5,12 @@ BERT-style (post-LN) masked LM on the Python standard library's source text — 
 model (2 layers x 64) into a target (4 x 128, heads grown at a fixed head dim); the small model pretrains as long as
 the target on images and a third as long on text (see ``Proxy.pretrain_fraction``).  The plain 8x8 digits remain as
 ``--proxies vit-digits``: there the target from scratch saturates (~97 % accuracy) within the budget and no method
-saves reliably, so the default image proxy is the harder digit pairs (see ``_digit_pairs``).  For every seed: pretrain the small model; then train the target from
-each method's initialisation with the same optimiser (AdamW), schedule (linear warmup, cosine decay) and batches as
-``scratch``.  Methods: ``scratch``, ``ligo`` (the operator fitted for a few steps, then trained), ``stack``,
-``interpolate``, ``net2net``, ``aki``, ``lemon`` (ligo_convert.growth.baselines), and the training-procedure
-baselines ``mslt`` (stacked, then only the new top layers trained for a while) and ``ki`` (scratch plus distillation
-from the small model early on).
+saves reliably, so the default image proxy is the harder digit pairs (see ``_digit_pairs``).  For every seed:
+pretrain the small model; then train the target from each method's initialisation with the same optimiser (AdamW),
+schedule (linear warmup, cosine decay) and batches as ``scratch``.  Methods: ``scratch``, ``ligo`` (the operator
+fitted for a few steps, then trained), ``stack``, ``interpolate``, ``net2net``, ``aki``, ``lemon``
+(ligo_convert.growth.baselines), and the training-procedure baselines ``mslt`` (stacked, then only the new top
+layers trained for a while) and ``ki`` (scratch plus distillation from the small model early on).
 
 Measured: FLOPs (matrix products of forward and backward, counted with torch.utils.flop_counter, LiGO's fitting
 steps and KI's teacher included) and training wall time until the validation loss first reaches scratch's final
@@ -620,8 +620,8 @@ def markdown(results: dict, command: str) -> str:
         out += ["The image proxy is two-digit numbers written with the digits (two 8x8 digits side by side on a "
                 f"16x16 canvas, 100 classes, {pairs['val_batches'] * pairs['batch_size']} validation pairs of "
                 f"held-out digit images), trained {pairs['steps_scale']:g} times as long as the text proxies (a 4x128 "
-                "ViT from scratch needs that to pass ~90 % accuracy). The plain 8x8 digits (`--proxies vit-digits`) saturate: a 4x128 ViT from "
-                "scratch reaches ~97 % accuracy within the budget, every method ends within the noise of the "
+                "ViT from scratch needs that to pass ~90 % accuracy). The plain 8x8 digits (`--proxies vit-digits`) "
+                "saturate: a 4x128 ViT from scratch reaches ~97 % accuracy within the budget, every method ends within the noise of the "
                 "360-image validation set and no method saves reliably (LiGO -0.2 ± 15.4 %, AKI 21.9 %, KI 15.6 %, "
                 "2/3 seeds each; results/savings-digits8x8/).", ""]
     out += summary(results) + [""]
