@@ -160,6 +160,8 @@ def _digit_pairs(spec, split: str, n: int, batch_size: int, seed: int) -> list[d
     lost in the noise of a 360-image validation set; the pairs leave room to grow into at the same patch count."""
     from ligo_convert import data as data_mod
 
+    if spec.image_size != 16:
+        raise ValueError(f"digit pairs are 16x16 images; the proxy's model takes {spec.image_size}")
     source = data_mod.image_source(None)
     pool = torch.tensor(source.train if split == "train" else source.val)
     labels = torch.tensor(source.labels)
@@ -167,11 +169,10 @@ def _digit_pairs(spec, split: str, n: int, batch_size: int, seed: int) -> list[d
     out = []
     for _ in range(n):
         left, right = (pool[torch.randint(len(pool), (batch_size,), generator=g)] for _ in range(2))
-        canvas = torch.zeros(batch_size, 16, 16)
-        canvas[:, 4:12, :8], canvas[:, 4:12, 8:] = source.images[left], source.images[right]
-        pixels = torch.nn.functional.interpolate(canvas[:, None], size=(spec.image_size,) * 2, mode="bilinear",
-                                                 align_corners=False) if spec.image_size != 16 else canvas[:, None]
-        out.append({"pixel_values": ((pixels - 0.5) / 0.5).expand(-1, spec.num_channels, -1, -1).contiguous(),
+        canvas = torch.zeros(batch_size, 1, 16, 16)
+        canvas[:, 0, 4:12, :8], canvas[:, 0, 4:12, 8:] = source.images[left], source.images[right]
+        # normalised as ligo_convert.data normalises images that come without a preprocessor config
+        out.append({"pixel_values": ((canvas - 0.5) / 0.5).expand(-1, spec.num_channels, -1, -1).contiguous(),
                     "labels": 10 * labels[left] + labels[right]})
     return out
 

@@ -10,8 +10,9 @@ Runs the savings benchmark's pipeline (benchmarks/savings.py: same small models,
 - ``interleave depth``: depth initialised as interpolation instead of stacking;
 - ``select width``: width initialised by Net2Net-style selection instead of random convex combinations.
 
-Every variant uses the fitting learning rate the savings benchmark chose for the proxy (``--fit-lr``), so this is a
-look at the recipe, not a second tuning budget: the savings table stays the paper's recipe.
+Every variant uses the fitting learning rate the savings benchmark chose for the proxy (read from
+results/savings.json unless ``--fit-lr`` is given), so this is a look at the recipe, not a second tuning budget: the
+savings table stays the paper's recipe.
 
     python benchmarks/savings_ligo_variants.py --proxy vit-digit-pairs --markdown benchmarks/results/savings_ligo_variants.md
 """
@@ -19,6 +20,7 @@ look at the recipe, not a second tuning budget: the savings table stays the pape
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,12 +44,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--proxy", default="vit-digit-pairs", choices=sorted(sv.PROXIES))
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
-    parser.add_argument("--fit-lr", type=float, default=0.1, help="LiGO's fitting learning rate (relative)")
+    parser.add_argument("--fit-lr", type=float, help="LiGO's fitting learning rate (relative; default: the one "
+                        "benchmarks/results/savings.json chose for the proxy)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
 
     p = sv.PROXIES[args.proxy]
+    if args.fit_lr is None:
+        chosen = json.loads((sv.RESULTS / "savings.json").read_text())["knobs"]
+        if p.name not in chosen:
+            parser.error(f"benchmarks/results/savings.json has no {p.name} run; pass --fit-lr")
+        args.fit_lr = chosen[p.name]["ligo"]["value"]
     s = sv.proxy_settings(p, sv.Settings(seeds=args.seeds, jobs=args.jobs))
     start = time.perf_counter()
     pre = sv._run_all(sv.pretrain_job, [dict(proxy=p, settings=s, seed=seed) for seed in args.seeds], s.jobs)
