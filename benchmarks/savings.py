@@ -395,7 +395,69 @@ def savings(run: dict, scratch: dict, pretrain: dict | None) -> dict:
         out["wall_saved"] = 100 * (1 - got[1] / ref[1])
         out["flops_saved_pre"] = 100 * (1 - (got[0] + pre_f) / ref[0])
         out["wall_saved_pre"] = 100 * (1 - (got[1] + pre_w) / ref[1])
+    elif ref is not None and ref[0] > 0:
+        # Not reached within the run: it would have needed more than everything it spent, so its saving is below
+        # what spending all of it would give.  Aggregates use this bound (marked ≤) instead of dropping the seed,
+        # which would keep only a method's easy seeds.
+        last = run["curve"][-1]
+        out["steps_to_goal_min"] = float(last[0])
+        out["flops_saved_max"] = 100 * (1 - last[1] / ref[0])
+        out["wall_saved_max"] = 100 * (1 - last[2] / ref[1])
+        out["flops_saved_pre_max"] = 100 * (1 - (last[1] + pre_f) / ref[0])
+        out["wall_saved_pre_max"] = 100 * (1 - (last[2] + pre_w) / ref[1])
     return out
+
+
+def saved(x: dict, key: str) -> tuple[float, bool] | None:
+    """A run's ``key`` saving (%) and whether it is only an upper bound (the goal was not reached); None when there
+    is nothing to measure."""
+    if x.get("reached"):
+        return x[key], False
+    return (x[key + "_max"], True) if key + "_max" in x else None
+
+
+def aggregate(sv: list[dict], key: str, digits: int = 1, sd: bool = True) -> str:
+    """Mean (± sd) of ``key`` over every seed, a seed that did not reach the goal counted at its bound; then the
+    whole mean is an upper bound and says so (≤)."""
+    got = [v for v in (saved(x, key) for x in sv) if v is not None]
+    if not got:
+        return "–"
+    values = [v for v, _ in got]
+    text = _mean_sd(values, digits) if sd else f"{statistics.mean(values):.{digits}f}"
+    return ("≤ " + text) if any(bound for _, bound in got) else text
+
+
+def steps_to_goal(sv: list[dict]) -> str:
+    got = [(x["steps_to_goal"], False) if x["reached"] else (x["steps_to_goal_min"], True)
+           for x in sv if x["reached"] or "steps_to_goal_min" in x]
+    if not got:
+        return "–"
+    text = _mean_sd([v for v, _ in got], 0)
+    return ("≥ " + text) if any(bound for _, bound in got) else text
+
+
+def paired(ours: list[dict], theirs: list[dict], key: str = "flops_saved") -> dict:
+    """LiGO against one method seed by seed (both lists in seed order): on how many seeds each saved more, with a
+    two-sided sign test over the decided seeds.  A seed where neither reached the goal is undecided; where one did
+    not, its bound decides only if the other's saving is above it."""
+    ahead = behind = undecided = 0
+    diffs = []
+    for a, b in zip(ours, theirs):
+        va, vb = saved(a, key), saved(b, key)
+        if va is None or vb is None or (va[1] and vb[1]):
+            undecided += 1
+            continue
+        diffs.append(va[0] - vb[0])
+        if va[0] > vb[0] and not va[1]:
+            ahead += 1
+        elif vb[0] > va[0] and not vb[1]:
+            behind += 1
+        else:
+            undecided += 1
+    n = ahead + behind
+    tail = sum(math.comb(n, k) for k in range(max(ahead, behind), n + 1)) / 2 ** n if n else 1.0
+    return {"ahead": ahead, "behind": behind, "undecided": undecided, "p": min(1.0, 2 * tail),
+            "mean_diff": statistics.mean(diffs) if diffs else None}
 
 
 def attach_savings(runs: list[dict], pretrained: dict) -> None:
@@ -561,32 +623,58 @@ def table(results: dict, proxy: str, pre: bool) -> list[str]:
         sv = [r["savings"] for r in mine]
         reached = [x for x in sv if x["reached"]]
         knob = f" ({KNOBS[method][0]} {mine[0]['knob']:g})" if method in KNOBS else ""
-        lines.append(f"| {method}{knob} | {_mean_sd([x['flops_saved' + suffix] for x in reached])} | "
-                     f"{_mean_sd([x['wall_saved' + suffix] for x in reached])} | "
-                     f"{_mean_sd([x['steps_to_goal'] for x in reached], 0)} | {len(reached)}/{len(sv)} | "
+        lines.append(f"| {method}{knob} | {aggregate(sv, 'flops_saved' + suffix)} | "
+                     f"{aggregate(sv, 'wall_saved' + suffix)} | "
+                     f"{steps_to_goal(sv)} | {len(reached)}/{len(sv)} | "
                      f"{_mean_sd([x['final_loss'] for x in sv], 3)} | {_mean_sd([x['final_acc'] for x in sv], 3)} |")
     return lines
 
 
+def _runs(results: dict, proxy: str, method: str) -> list[dict]:
+    return sorted((r for r in results["runs"] if r["proxy"] == proxy and r["method"] == method),
+                  key=lambda r: r["seed"])
+
+
 def summary(results: dict) -> list[str]:
-    """One row per method: FLOPs / wall saved (%) on every proxy, pretraining not counted (the paper's Table 1)."""
+    """One row per method: FLOPs / wall saved (%) on every proxy, pretraining not counted (the paper's Table 1);
+    then LiGO against each method seed by seed."""
     names = [p["name"] for p in results["proxies"]]
     lines = ["| method | " + " | ".join(f"{n} FLOPs / wall saved %" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for method in METHODS:
         cells = []
         for n in names:
-            runs = [r for r in results["runs"] if r["proxy"] == n and r["method"] == method]
+            runs = _runs(results, n, method)
             if any("refused" in r for r in runs):
                 cells.append("refused")
                 continue
-            ok = [r["savings"] for r in runs if r["savings"]["reached"]]
-            flops = statistics.mean(x["flops_saved"] for x in ok) if ok else None
-            wall = statistics.mean(x["wall_saved"] for x in ok) if ok else None
-            cells.append("not reached" if not ok else f"{flops:.1f} / {wall:.1f}"
-                         + ("" if len(ok) == len(runs) else f" ({len(ok)}/{len(runs)} reached)"))
+            sv = [r["savings"] for r in runs]
+            ok = sum(x["reached"] for x in sv)
+            cells.append(f"{aggregate(sv, 'flops_saved', sd=False)} / {aggregate(sv, 'wall_saved', sd=False)}"
+                         + ("" if ok == len(sv) else f" ({ok}/{len(sv)} reached)"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return ["Summary (mean over seeds; details, sd and the pretraining-counted figures below):", ""] + lines
+    lead = ["| LiGO against | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for method in METHODS:
+        if method == "ligo":
+            continue
+        cells = []
+        for n in names:
+            theirs = _runs(results, n, method)
+            ours = _runs(results, n, "ligo")
+            if any("refused" in r for r in theirs + ours):
+                cells.append("refused")
+                continue
+            c = paired([r["savings"] for r in ours], [r["savings"] for r in theirs])
+            cells.append(f"{c['ahead']}–{c['behind']}" + (f" ({c['undecided']} undecided)" if c["undecided"] else "")
+                         + f", p {c['p']:.2f}" + (f", {c['mean_diff']:+.1f} pts" if c["mean_diff"] is not None
+                                                  else ""))
+        lead.append(f"| {method} | " + " | ".join(cells) + " |")
+    return (["Summary (mean over all seeds, pretraining not counted; ≤: some seed did not reach the goal and counts at "
+             "its bound, so the mean is an upper bound; details, sd and the pretraining-counted figures below):", ""]
+            + lines + ["", "LiGO against each method, seed by seed (FLOPs saved, pretraining not counted): seeds where "
+                       "LiGO saved more – seeds where it saved less, the two-sided sign test's p over those, and the "
+                       "mean difference in points (a seed that did not reach the goal at its bound; a seed where "
+                       "neither reached it, or the bound does not decide, is undecided):", ""] + lead)
 
 
 def _scales(results: dict) -> str:
@@ -604,8 +692,10 @@ def markdown(results: dict, command: str) -> str:
            "validation loss first reaches scratch's final validation loss (linear interpolation between "
            f"evaluations every {s['eval_every'] / s['steps']:.0%} of the steps). Every method trains the proxy's "
            f"steps ({_scales(results)}) with the same AdamW, "
-           f"warmup ({s['warmup']:.0%}) + cosine schedule and batches. Mean ± sd over the seeds that reached the "
-           "goal (`reached`); a method that never reaches it saved less than nothing. Final quality: validation "
+           f"warmup ({s['warmup']:.0%}) + cosine schedule and batches. Mean ± sd over all seeds; a seed that did not "
+           "reach the goal (see `reached`) would have needed more than the whole run, so it counts at the saving "
+           "the whole run gives, an upper bound, and the mean is marked ≤ (dropping such seeds would keep only a "
+           "method's easy ones); likewise its steps to goal at the run's length (≥). Final quality: validation "
            "loss/accuracy after the last step, over all seeds. Fixed before measuring, for every method alike: the "
            "training learning rate, steps and batch size; LiGO as the paper's official recipe (per-layer width "
            "matrices, noisy-stack depth and random-convex width initialisation, task objective), its fitting steps "

@@ -104,3 +104,55 @@ def test_ligo_variants_change_the_recipe_and_count_their_fitting():
     assert runs["shared"]["loss_init"] != runs["recipe"]["loss_init"]
     for run in runs.values():
         assert len(run["curve"]) > 1 and all(point[3] == point[3] for point in run["curve"])  # finite, no NaN
+
+
+def _savings_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import savings as sv
+
+    return sv
+
+
+def _curve(losses, flops_per_step=10):
+    """A validation curve [(step, flops, wall, loss, acc)] with one evaluation per step."""
+    return [(i, i * flops_per_step, float(i), loss, 0.0) for i, loss in enumerate(losses)]
+
+
+def test_a_seed_that_misses_the_goal_counts_at_its_bound_not_dropped():
+    """Dropping the seeds a method never reached would keep only its easy seeds; the aggregate keeps them at the
+    saving the whole run would give (an upper bound) and marks the mean ≤."""
+    sv = _savings_module()
+    scratch = {"method": "scratch", "curve": _curve([5, 4, 3, 2, 1])}  # goal 1.0, reached at step 4 (40 FLOPs)
+    fast = {"method": "ligo", "curve": _curve([2, 1, 1, 1, 1])}  # reaches 1.0 at step 1: 75 % saved
+    slow = {"method": "stack", "curve": _curve([5, 4, 3, 2, 1.5])}  # never: at most 1 - 40/40 = 0 %
+    costly = {"method": "stack", "curve": [(0, 20, 0.0, 5, 0.0)] + [(i, 20 + 10 * i, float(i), 5 - i * 0.5, 0.0)
+                                                                   for i in range(1, 5)]}  # ends at 60 FLOPs: -50 %
+    s_fast, s_slow, s_costly = (sv.savings(r, scratch, None) for r in (fast, slow, costly))
+    assert s_fast["reached"] and s_fast["flops_saved"] == 75.0 and s_fast["steps_to_goal"] == 1.0
+    assert not s_slow["reached"] and s_slow["flops_saved_max"] == 0.0 and s_slow["steps_to_goal_min"] == 4.0
+    assert s_costly["flops_saved_max"] == -50.0
+    assert sv.aggregate([s_fast, s_fast], "flops_saved") == "75.0 ± 0.0"
+    assert sv.aggregate([s_fast, s_slow], "flops_saved") == "≤ 37.5 ± 53.0"
+    assert sv.aggregate([s_fast, s_slow], "flops_saved", sd=False) == "≤ 37.5"
+    assert sv.steps_to_goal([s_fast, s_slow]) == "≥ 2 ± 2"
+
+
+def test_ligo_against_a_method_counts_seeds_and_a_sign_test():
+    sv = _savings_module()
+
+    def reached(v):
+        return {"reached": True, "flops_saved": v}
+
+    def missed(bound):
+        return {"reached": False, "flops_saved_max": bound}
+
+    c = sv.paired([reached(50)] * 8, [reached(40)] * 8)
+    assert (c["ahead"], c["behind"], c["undecided"]) == (8, 0, 0)
+    assert c["p"] == 2 / 2 ** 8 and c["mean_diff"] == 10
+    c = sv.paired([reached(50), reached(30), missed(0), missed(0)], [missed(-2), reached(40), reached(20), missed(1)])
+    # ahead where the other missed; behind on a plain loss and where LiGO missed below the other's saving;
+    # undecided where both missed
+    assert (c["ahead"], c["behind"], c["undecided"]) == (1, 2, 1)
+    assert c["p"] == 1.0
+    c = sv.paired([missed(30)], [reached(20)])  # LiGO's bound is above the other's saving: nothing is known
+    assert (c["ahead"], c["behind"], c["undecided"]) == (0, 0, 1)
