@@ -635,6 +635,37 @@ def _runs(results: dict, proxy: str, method: str) -> list[dict]:
                   key=lambda r: r["seed"])
 
 
+def loss_at(curve: list, flops: float) -> float:
+    """Validation loss at ``flops`` spent, interpolated linearly between evaluations (the last one past the end)."""
+    prev = curve[0]
+    for point in curve:
+        if point[1] >= flops:
+            if point[1] == prev[1]:
+                return point[3]
+            f = (flops - prev[1]) / (point[1] - prev[1])
+            return prev[3] + f * (point[3] - prev[3])
+        prev = point
+    return curve[-1][3]
+
+
+MATCHED = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def matched_table(results: dict, proxy: str) -> list[str]:
+    """Mean validation loss of each method when it has spent a fraction of scratch's FLOPs (its own seed's): where
+    the head start goes, seen without the goal's per-seed noise."""
+    runs = [r for r in results["runs"] if r["proxy"] == proxy and "curve" in r]
+    budget = {r["seed"]: r["curve"][-1][1] for r in runs if r["method"] == "scratch"}
+    lines = ["| method | " + " | ".join(f"{f:.0%}" for f in MATCHED) + " |", "|---|" + "---|" * len(MATCHED)]
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        if mine:
+            cells = [f"{statistics.mean(loss_at(r['curve'], f * budget[r['seed']]) for r in mine):.3f}"
+                     for f in MATCHED]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary(results: dict) -> list[str]:
     """One row per method: FLOPs / wall saved (%) on every proxy, pretraining not counted (the paper's Table 1);
     then LiGO against each method seed by seed."""
@@ -731,6 +762,8 @@ def markdown(results: dict, command: str) -> str:
                    f"{_mean_sd([r['val_loss'] for r in pre], 3)})." if ligo else ""), "",
                 "Small model's pretraining not counted (the paper's convention):", ""]
         out += table(results, name, pre=False)
+        out += ["", "Validation loss when a fraction of scratch's FLOPs is spent (mean over seeds; pretraining "
+                "not counted):", ""] + matched_table(results, name)
         out += ["", f"Small model's pretraining counted ({round(p['pretrain_fraction'] * ps['steps'])} steps, "
                     f"{statistics.mean(r['flops'] for r in pre) / 1e12:.2f} TFLOPs, small val loss "
                     f"{_mean_sd([r['val_loss'] for r in pre], 3)}):", ""]
