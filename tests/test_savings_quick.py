@@ -167,3 +167,21 @@ def test_loss_at_a_fraction_of_the_budget_interpolates_the_curve(quick):
     assert sv.loss_at(curve, 99) == 1  # past the end: the last evaluation
     md = (quick / "savings.md").read_text()
     assert md.count("| method | 10% | 25% | 50% | 75% | 100% |") == len(PROXIES)
+
+
+def test_lr_check_trains_scratch_over_the_grid_and_marks_the_rate_each_proxy_uses(tmp_path):
+    sv = _savings_module()
+    import savings_lr_check as check
+
+    out = tmp_path / "lr.md"
+    assert check.main(["--quick", "--markdown", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| proxy")}
+    assert set(rows) == set(PROXIES)
+    for name, row in rows.items():
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert len(cells) == len(check.GRID) + 2
+        bold = [lr for lr, c in zip(check.GRID, cells) if c.startswith("**")]
+        assert bold == [sv.PROXIES[name].lr] and cells[-1].startswith(f"{sv.PROXIES[name].lr:g}")
+        losses = [float(x.strip("*")) for c in cells[:-2] for x in c.split(" / ")]
+        assert len(losses) == 2 * len(check.GRID) and all(0 < v < 10 for v in losses)
