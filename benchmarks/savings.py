@@ -853,9 +853,16 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (one thread each)")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite savings.md/.png from a savings.json "
                         "this script wrote (no training)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="with --render: add the seeds of other runs with the same settings (e.g. --seeds 3,4,5 "
+                        "after the default 0,1,2); training is deterministic, so this equals one run over all seeds")
     args = parser.parse_args(argv)
+    if args.merge and not args.render:
+        parser.error("--merge needs --render")
     if args.render:
         results = json.loads(args.render.read_text())
+        for other in args.merge:
+            results = merge(results, json.loads(other.read_text()), str(other))
         attach_savings(results["runs"], {(r["proxy"], r["seed"]): r for r in results["pretrain"]})
         write(results, args.out)
         return 0
@@ -882,6 +889,30 @@ def main(argv=None) -> int:
     results["command"] = command
     write(results, args.out)
     return 0
+
+
+def merge(a: dict, b: dict, name: str = "the second run") -> dict:
+    """Run ``a`` with the seeds of run ``b`` added.  Refused unless everything but the seeds is the same: settings,
+    proxies, growth code, versions, and the knob values the tuning seed chose."""
+    same = lambda x: {k: v for k, v in x.items() if k != "seeds"}  # noqa: E731
+    for what, x, y in (("settings", same(a["settings"]), same(b["settings"])),
+                       ("proxies", [{**p, "settings": same(p["settings"])} for p in a["proxies"]],
+                        [{**p, "settings": same(p["settings"])} for p in b["proxies"]]),
+                       ("versions", a["versions"], b["versions"]),
+                       ("tuned knobs", {n: {m: c["value"] for m, c in k.items()} for n, k in a["knobs"].items()},
+                        {n: {m: c["value"] for m, c in k.items()} for n, k in b["knobs"].items()})):
+        if x != y:
+            raise SystemExit(f"cannot merge {name}: its {what} differ from the first run's")
+    seeds = sorted(set(a["settings"]["seeds"]) | set(b["settings"]["seeds"]))
+    if len(seeds) < len(a["settings"]["seeds"]) + len(b["settings"]["seeds"]):
+        raise SystemExit(f"cannot merge {name}: it repeats seeds of the first run")
+    have = {(r["proxy"], r["seed"]) for r in a["pretrain"]}
+    out = {**a, "settings": {**a["settings"], "seeds": seeds},
+           "proxies": [{**p, "settings": {**p["settings"], "seeds": seeds}} for p in a["proxies"]],
+           "runs": a["runs"] + b["runs"],
+           "pretrain": a["pretrain"] + [r for r in b["pretrain"] if (r["proxy"], r["seed"]) not in have],
+           "wall_s": a["wall_s"] + b["wall_s"], "command": f"{a['command']}` and `{b['command']}"}
+    return out
 
 
 def write(results: dict, out: Path) -> None:

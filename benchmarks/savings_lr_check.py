@@ -1,12 +1,14 @@
-"""Is each savings proxy's training learning rate the one the reference itself wants?
+"""Are the savings proxies' learning rates the ones each model itself wants?
 
 The savings benchmark (benchmarks/savings.py) trains every method with one shared learning rate per proxy.  Savings
 against a badly tuned scratch run are savings against a straw man, so that rate should be the one scratch does best
-with.  This script trains scratch only, at a grid of learning rates, on the benchmark's tuning seed (the choice) and on
-seed 0 (a check), with the benchmark's own data, trainer and schedule, and reports each final validation loss and
-which rate the proxy uses.  No growth method is run: the choice cannot favour one.
+with; and the small model that every growth method starts from should be pretrained at the rate it does best with.
+This script trains only those two — the target from scratch and the small model's pretraining — over a grid of
+learning rates, on the benchmark's tuning seed (the choice) and on seed 0 (a check), with the benchmark's own data,
+trainer, schedule and step counts, and reports each final validation loss and the rate the proxy uses.  No growth
+method is run: the choice cannot favour one.
 
-    python benchmarks/savings_lr_check.py --markdown benchmarks/results/savings_lr_check.md   # ~8 min on 2 cores
+    python benchmarks/savings_lr_check.py --markdown benchmarks/results/savings_lr_check.md   # ~12 min on 2 cores
 """
 
 from __future__ import annotations
@@ -20,22 +22,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import savings as sv  # noqa: E402
 
-GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
+GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
+MODELS = {"target": "target from scratch", "small": "small model's pretraining"}
 
 
-def scratch_job(job: dict) -> dict:
+def lr_job(job: dict) -> dict:
+    """One model at one learning rate: the target from scratch, or the small model's pretraining."""
     import torch
 
     torch.set_num_threads(1)
-    p, s, seed = job["proxy"], job["settings"], job["seed"]
-    # scratch never reads the small model's weights; the job format wants them
-    small, _ = sv._specs(p)
-    from ligo_convert.model import init_weights
+    p, s, seed, model = job["proxy"], job["settings"], job["seed"], job["model"]
+    if model == "small":
+        run = sv.pretrain_job(dict(proxy=replace(p, small_lr=job["lr"]), settings=s, seed=seed))
+        loss = run["val_loss"]
+    else:
+        from ligo_convert.model import init_weights
 
-    run = sv.method_job(dict(proxy=p, settings=s, seed=seed, method="scratch", small_weights=init_weights(small, seed),
-                             steps=s.steps))
-    return {"proxy": p.name, "lr": p.lr, "seed": seed, "final_loss": run["curve"][-1][3],
-            "final_acc": run["curve"][-1][4]}
+        small, _ = sv._specs(p)  # scratch never reads the small model's weights; the job format wants some
+        run = sv.method_job(dict(proxy=replace(p, lr=job["lr"]), settings=s, seed=seed, method="scratch",
+                                 small_weights=init_weights(small, seed), steps=s.steps))
+        loss = run["curve"][-1][3]
+    return {"proxy": p.name, "model": model, "lr": job["lr"], "seed": seed, "final_loss": loss}
 
 
 def main(argv=None) -> int:
@@ -48,36 +55,37 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     base = replace(sv.QUICK, jobs=1) if args.quick else sv.Settings()
     seeds = (base.tune_seed, 0)
+    names = args.proxies.split(",")
     jobs = []
-    for name in args.proxies.split(","):
+    for name in names:
         proxy = sv.quick_proxy(sv.PROXIES[name]) if args.quick else sv.PROXIES[name]
-        for lr in GRID:
-            p = replace(proxy, lr=lr)
-            jobs += [dict(proxy=p, settings=sv.proxy_settings(p, base), seed=seed) for seed in seeds]
-    runs = sv._run_all(scratch_job, jobs, 1 if args.quick else args.jobs)
+        s = sv.proxy_settings(proxy, base)
+        jobs += [dict(proxy=proxy, settings=s, seed=seed, model=model, lr=lr)
+                 for model in MODELS for lr in GRID for seed in seeds]
+    runs = sv._run_all(lr_job, jobs, 1 if args.quick else args.jobs)
 
-    lines = ["| proxy | " + " | ".join(f"lr {lr:g}" for lr in GRID) + " | best on the tuning seed | the proxy uses |",
-             "|---|" + "---|" * (len(GRID) + 2)]
-    for name in args.proxies.split(","):
-        cells, score = [], {}
-        for lr in GRID:
-            got = {r["seed"]: r["final_loss"] for r in runs if r["proxy"] == name and r["lr"] == lr}
-            score[lr] = got[seeds[0]]
-            cells.append(" / ".join(f"{got[s]:.3f}" for s in seeds))
-        best = min(score, key=score.get)
-        used = sv.PROXIES[name].lr
-        lines.append(f"| {name} | " + " | ".join(f"**{c}**" if lr == used else c for lr, c in zip(GRID, cells))
-                     + f" | {best:g} | {used:g}" + ("" if best == used else " (differs)") + " |")
+    lines = ["| proxy | model | " + " | ".join(f"lr {lr:g}" for lr in GRID) + " | best on the tuning seed | "
+             "the proxy uses |", "|---|---|" + "---|" * (len(GRID) + 2)]
+    for name in names:
+        for model, what in MODELS.items():
+            got = {(r["lr"], r["seed"]): r["final_loss"] for r in runs if r["proxy"] == name and r["model"] == model}
+            best = min(GRID, key=lambda lr: got[(lr, seeds[0])])
+            p = sv.PROXIES[name]
+            used = (p.small_lr or p.lr) if model == "small" else p.lr
+            cells = [" / ".join(f"{got[(lr, s)]:.3f}" for s in seeds) for lr in GRID]
+            lines.append(f"| {name} | {what} | " + " | ".join(f"**{c}**" if lr == used else c
+                                                             for lr, c in zip(GRID, cells))
+                         + f" | {best:g} | {used:g}" + ("" if best == used else " (differs)") + " |")
     command = "python benchmarks/savings_lr_check.py" + ("" if not (argv or sys.argv[1:]) else " " + " ".join(
         sys.argv[1:] if argv is None else argv))
     text = "\n".join([
-        f"Scratch's final validation loss at each training learning rate (tuning seed {seeds[0]} / seed {seeds[1]}; "
-        f"{base.steps} steps x each proxy's step scale, the benchmark's schedule, batches and validation set); bold: "
-        "the rate the proxy uses for every method.", "", *lines, "",
+        f"Final validation loss at each learning rate (tuning seed {seeds[0]} / seed {seeds[1]}) of the target trained "
+        "from scratch and of the small model's pretraining, each with the benchmark's steps, schedule, batches and "
+        "validation set; bold: the rate the proxy uses (the target's for every method).", "", *lines, "",
         f"Command: `{command}`; wall {(time.perf_counter() - start) / 60:.1f} min.", ""])
     print(text)
     if args.markdown:
-        args.markdown.write_text("# Savings proxies: the training learning rate scratch wants\n\n" + text)
+        args.markdown.write_text("# Savings proxies: the learning rates the models want\n\n" + text)
     return 0
 
 

@@ -169,19 +169,47 @@ def test_loss_at_a_fraction_of_the_budget_interpolates_the_curve(quick):
     assert md.count("| method | 10% | 25% | 50% | 75% | 100% |") == len(PROXIES)
 
 
-def test_lr_check_trains_scratch_over_the_grid_and_marks_the_rate_each_proxy_uses(tmp_path):
+def test_lr_check_trains_both_models_over_the_grid_and_marks_the_rates_each_proxy_uses(tmp_path):
     sv = _savings_module()
     import savings_lr_check as check
 
     out = tmp_path / "lr.md"
     assert check.main(["--quick", "--markdown", str(out)]) == 0
-    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| proxy")}
-    assert set(rows) == set(PROXIES)
-    for name, row in rows.items():
-        cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert set(rows) == {(p, m) for p in PROXIES for m in check.MODELS.values()}
+    for (name, model), row in rows.items():
+        cells = [c.strip() for c in row.split("|")[3:-1]]
         assert len(cells) == len(check.GRID) + 2
-        bold = [lr for lr, c in zip(check.GRID, cells) if c.startswith("**")]
-        assert bold == [sv.PROXIES[name].lr] and cells[-1].startswith(f"{sv.PROXIES[name].lr:g}")
+        p = sv.PROXIES[name]
+        used = p.lr if model == check.MODELS["target"] else (p.small_lr or p.lr)
+        assert [lr for lr, c in zip(check.GRID, cells) if c.startswith("**")] == [used]
+        assert cells[-1].startswith(f"{used:g}")
         losses = [float(x.strip("*")) for c in cells[:-2] for x in c.split(" / ")]
         assert len(losses) == 2 * len(check.GRID) and all(0 < v < 10 for v in losses)
+
+
+def test_merging_runs_adds_their_seeds_and_refuses_different_settings(quick, tmp_path):
+    sv = _savings_module()
+    a = json.loads((quick / "savings.json").read_text())
+    b = json.loads((quick / "savings.json").read_text())
+    b["settings"]["seeds"] = [2, 3]
+    for r in b["runs"] + b["pretrain"]:
+        if r["seed"] in (0, 1):
+            r["seed"] += 2
+    merged = sv.merge(a, b)
+    assert merged["settings"]["seeds"] == [0, 1, 2, 3] and len(merged["runs"]) == 2 * len(a["runs"])
+    assert len(merged["pretrain"]) == len(a["pretrain"]) + 2 * len(PROXIES)  # the tuning seed's once
+    sv.attach_savings(merged["runs"], {(r["proxy"], r["seed"]): r for r in merged["pretrain"]})
+    assert "Seeds: [0, 1, 2, 3]" in sv.markdown(merged, merged["command"])
+    with pytest.raises(SystemExit, match="repeats seeds"):
+        sv.merge(a, a)
+    b["settings"]["steps"] += 1
+    with pytest.raises(SystemExit, match="settings differ"):
+        sv.merge(a, b)
+    (tmp_path / "b.json").write_text(json.dumps({**b, "settings": a["settings"] | {"seeds": [2, 3]}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "savings.py"), "--render",
+                           str(quick / "savings.json"), "--merge", str(tmp_path / "b.json"), "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Seeds: [0, 1, 2, 3]" in (tmp_path / "savings.md").read_text()
