@@ -752,9 +752,9 @@ def markdown(results: dict, command: str) -> str:
                 f"16x16 canvas, 100 classes, {pairs['val_batches'] * pairs['batch_size']} validation pairs of "
                 f"held-out digit images), trained {pairs['steps_scale']:g} times as long as the text proxies (a 4x128 "
                 "ViT from scratch needs that to pass ~90 % accuracy). The plain 8x8 digits (`--proxies vit-digits`) "
-                "saturate: a 4x128 ViT from scratch reaches ~97 % accuracy within the budget, every method ends within the noise of the "
-                "360-image validation set and no method saves reliably (LiGO -0.2 ± 15.4 %, AKI 21.9 %, KI 15.6 %, "
-                "2/3 seeds each; results/savings-digits8x8/).", ""]
+                "saturate: a 4x128 ViT from scratch reaches ~97 % accuracy within the budget, every method ends "
+                "within the noise of the 360-image validation set and no method saves reliably (at most 12.6 % on "
+                "average, LiGO ≤ -4.1 %; results/savings-digits8x8/).", ""]
     out += summary(results) + [""]
     for p in results["proxies"]:
         name = p["name"]
