@@ -25,7 +25,7 @@ separate tuning seed by the FLOPs saved in a full-length run (ties: final loss).
 the training learning rate is shared, one per proxy: the one scratch itself does best with on the tuning seed
 (benchmarks/savings_lr_check.py trains scratch alone over a grid; results/savings_lr_check.md).
 
-    python benchmarks/savings.py                      # default: 27 min on 2 cores
+    python benchmarks/savings.py                      # default: 28 min on 2 cores
     python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
 """
 
