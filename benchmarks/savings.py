@@ -27,6 +27,9 @@ the training learning rate is shared, one per proxy: the one scratch itself does
 
     python benchmarks/savings.py                      # default: 28 min on 2 cores
     python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
+    python benchmarks/savings.py --seeds 3,4,5,6,7 --out /tmp/more   # more seeds, then merged with the default's:
+    python benchmarks/savings.py --render benchmarks/results/savings.json --merge /tmp/more/savings.json \
+        --out benchmarks/results/savings-8seeds
 """
 
 from __future__ import annotations
