@@ -23,7 +23,8 @@ Tuning budget, the same for every method with a knob: three values of its one kn
 MSLT: fraction of steps that train only the new top layers; KI: fraction of steps with distillation), scored on a
 separate tuning seed by the FLOPs saved in a full-length run (ties: final loss).  Methods without a knob get none;
 the training learning rate is shared, one per proxy: the one scratch itself does best with on the tuning seed
-(benchmarks/savings_lr_check.py trains scratch alone over a grid; results/savings_lr_check.md).
+(benchmarks/savings_lr_check.py trains scratch and the small model alone over a grid; the small model pretrains
+at the rate it does best with; results/savings_lr_check.md).
 
     python benchmarks/savings.py                      # default: 28 min on 2 cores
     python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
