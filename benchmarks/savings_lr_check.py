@@ -76,8 +76,7 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {what} | " + " | ".join(f"**{c}**" if lr == used else c
                                                              for lr, c in zip(GRID, cells))
                          + f" | {best:g} | {used:g}" + ("" if best == used else " (differs)") + " |")
-    command = "python benchmarks/savings_lr_check.py" + ("" if not (argv or sys.argv[1:]) else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    command = " ".join(["python benchmarks/savings_lr_check.py", *(sys.argv[1:] if argv is None else argv)])
     text = "\n".join([
         f"Final validation loss at each learning rate (tuning seed {seeds[0]} / seed {seeds[1]}) of the target trained "
         "from scratch and of the small model's pretraining, each with the benchmark's steps, schedule, batches and "

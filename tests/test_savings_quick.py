@@ -187,6 +187,8 @@ def test_lr_check_trains_both_models_over_the_grid_and_marks_the_rates_each_prox
         assert cells[-1].startswith(f"{used:g}")
         losses = [float(x.strip("*")) for c in cells[:-2] for x in c.split(" / ")]
         assert len(losses) == 2 * len(check.GRID) and all(0 < v < 10 for v in losses)
+        tuning_seed = losses[0::2]  # each cell: tuning seed / seed 0
+        assert tuning_seed[check.GRID.index(float(cells[-2]))] == min(tuning_seed)  # the best has the least loss
 
 
 def test_merging_runs_adds_their_seeds_and_refuses_different_settings(quick, tmp_path):
