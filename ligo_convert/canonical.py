@@ -82,7 +82,7 @@ class CanonicalModel:
     reader: TensorReader | None = None
 
     def meta(self, name: str) -> tuple[tuple, torch.dtype]:
-        if isinstance(self.tensors, LazyTensors):
+        if hasattr(self.tensors, "meta"):  # lazy mappings (read from disk, or made by growth) answer without reading
             return self.tensors.meta(name)
         t = self.tensors[name]
         return tuple(t.shape), t.dtype

@@ -193,7 +193,7 @@ class CanonicalModule(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None):
         w = {name: self.get_parameter(name) for name in self.names}
         out = forward(self.spec, w, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                      token_type_ids=token_type_ids)
+                      token_type_ids=token_type_ids, attention="explicit")  # plain ONNX ops, fused by onnxruntime
         return tuple(out[k] for k in self.keys)
 
 

@@ -12,6 +12,8 @@ family for explicit sizes) with config, carried tokenizer/preprocessor files, an
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import itertools
 import json
 import os
@@ -33,7 +35,8 @@ from .errors import LigoError
 from .exprs import Unresolved, evaluate
 from .growth import baselines
 from .growth import init as inits
-from .growth.fit import DEFAULT_LR, DEFAULT_STEPS, Teacher, distributed, evaluate_loss, fit, resolve_device, world
+from .growth.fit import (DEFAULT_LR, DEFAULT_STEPS, PARALLEL, GrowingModel, Teacher, choose_stream, distributed,
+                          evaluate_loss, fit, resolve_device, world)
 from .growth.operator import LigoOperator, check_growable
 from .objectives import choose_objective
 from .spec import Spec
@@ -145,7 +148,81 @@ def check_family(spec: Spec, source: Spec, family: str) -> Descriptor:
     return descriptor
 
 
-# --- growing ----------------------------------------------------------------------------------------------------------
+# --- growing: resolve and plan -> initialise -> fit -> write ---------------------------------------------------------
+
+
+@dataclass
+class GrowOptions:
+    """Every knob of ``grow`` but the source and target (see its docstring); defaults are ``grow``'s."""
+
+    layers: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    mlp: int | None = None
+    out: object = None
+    family: str | None = None
+    data: object = None
+    objective: str = "auto"
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch_size: int = 16
+    seq_len: int = 64
+    seed: int = 0
+    device: str = "auto"
+    depth_init: str = "stack"
+    width_init: str = "random"
+    noise: float = inits.DEFAULT_NOISE
+    shared_width: bool = False
+    learn: str = "both"
+    operator: object = None
+    save_operator: object = None
+    eval_batches: int = 8
+    overwrite: bool = False
+    write: bool = True
+    dtype: torch.dtype | None = None
+    log: Callable[[str], None] | None = None
+    progress: bool = False
+    method: str = "ligo"
+    init: str | None = None
+    materialize: str = "auto"
+    parallel: str = "ddp"
+    workers: int | None = None
+    text_column: str | None = None
+
+    def say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+
+    def data_options(self) -> dict:
+        """The keyword arguments ``data.batches`` takes from these options."""
+        values = {"workers": self.workers, "text_column": self.text_column}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass
+class GrowPlan:
+    """What ``grow`` decided before doing any work: the source (read lazily), the target spec, the output."""
+
+    src: CanonicalModel
+    source_name: str
+    target: str | None
+    spec: Spec
+    family: str
+    method_info: dict
+    out: Path | None
+    stream: bool
+    options: GrowOptions
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Growth:
+    """A grown model in progress: the LiGO operator (None for baselines) or the grown tensors, and its report."""
+
+    report: dict
+    operator: LigoOperator | None = None
+    tensors: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -153,7 +230,7 @@ class GrowResult:
     out: Path | None  # None on ranks other than 0 and when nothing was written
     spec: Spec
     family: str
-    weights: dict[str, torch.Tensor] | None  # the grown canonical weights (rank 0)
+    weights: collections.abc.Mapping | None  # the grown canonical weights (rank 0), made as they are read for LiGO
     report: dict = field(default_factory=dict)  # what growth.json holds
     operator: LigoOperator | None = None
 
@@ -172,165 +249,196 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
          shared_width: bool = False, learn: str = "both", operator: str | os.PathLike | None = None,
          save_operator: str | os.PathLike | None = None, eval_batches: int = 8, overwrite: bool = False,
          write: bool = True, dtype: torch.dtype | None = None, log: Callable[[str], None] | None = None,
-         progress: bool = False, method: str = "ligo", init: str | None = None) -> GrowResult:
+         progress: bool = False, method: str = "ligo", init: str | None = None, materialize: str = "auto",
+         parallel: str = "ddp", workers: int | None = None, text_column: str | None = None) -> GrowResult:
     """Grow ``source`` (a checkpoint folder, zoo name, hub id or :class:`CanonicalModel`) with LiGO.
 
     Fits the operator for ``steps`` steps (0: keep the initial operator; ``operator``: apply a saved one without
     fitting), then writes the grown model to ``out`` (``write=False``: only return it).  ``method`` picks a baseline
     instead of LiGO (``stack``, ``interpolate``, ``net2net``, ``aki``, ``lemon``, ``scratch``: no operator, no
-    fitting); ``init`` starts the LiGO operator from one of those methods' expansions.  Every user error raises
-    :class:`LigoError` before anything is written; the source is never touched.
+    fitting); ``init`` starts the LiGO operator from one of those methods' expansions.  ``materialize``: ``layers``
+    makes the target a layer at a time under activation checkpointing, ``full`` keeps every layer for the backward,
+    ``auto`` streams large targets (both give the same result).  ``parallel``: ``ddp`` or ``fsdp`` under torchrun.
+    ``workers``/``text_column`` go to the data loader.  Every user error raises :class:`LigoError` before anything
+    is written; the source is never touched.
     """
-    say = log or (lambda msg: None)
-    wall = time.perf_counter()
+    options = GrowOptions(**{k: v for k, v in locals().items() if k not in ("source", "target")})
+    plan = plan_growth(source, target, options)
+    dev = resolve_device(options.device)
+    with distributed(dev):
+        growth = initialise(plan, dev)
+        fit_growth(plan, growth, dev)
+        return write_growth(plan, growth, dev)
+
+
+def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
+    """Read the source's config and header, work out the target, and check every option: all refusals happen
+    here, before any tensor is read or anything written."""
     src = source if isinstance(source, CanonicalModel) else load(source)
     sizes, target_family, target_name = resolve_target(target)
-    explicit = dict(layers=layers, width=width, heads=heads, kv_heads=kv_heads, mlp=mlp)
+    explicit = dict(layers=o.layers, width=o.width, heads=o.heads, kv_heads=o.kv_heads, mlp=o.mlp)
     if not sizes and all(v is None for v in explicit.values()):
         raise LigoError("no growth target: name one (zoo name, folder or hub id) or pass --layers/--width/--heads/"
                         "--mlp")
     spec_t = target_spec(src.spec, sizes, **explicit)
     check_growable(src.spec, spec_t)
-    out_family = family or target_family or src.family
+    out_family = o.family or target_family or src.family
     check_family(spec_t, src.spec, out_family)
-    if depth_init not in inits.DEPTH_INITS:
-        raise LigoError(f"unknown depth init {depth_init!r}; choose one of {', '.join(inits.DEPTH_INITS)}")
-    if width_init not in inits.WIDTH_INITS:
-        raise LigoError(f"unknown width init {width_init!r}; choose one of {', '.join(inits.WIDTH_INITS)}")
-    if steps < 0:
-        raise LigoError(f"--steps must be 0 or more, not {steps}")
-    if method != "ligo" and method not in baselines.METHODS:
-        raise LigoError(f"unknown method {method!r}; choose one of ligo, {', '.join(baselines.METHODS)}")
-    if method != "ligo" and (init or operator):
-        raise LigoError(f"--init and --operator belong to the ligo method, not {method}")
-    method_info = baselines.describe(method, src.spec, spec_t) if method != "ligo" else {}  # refusals happen here
-    if out is None and write:
-        tname = target_name or f"L{spec_t.layers}-D{spec_t.width}"
-        out = Path(f"{tname}-from-{_name_of(source)}-{method}")
-    if write and out is not None and Path(out).exists() and not overwrite:
+    _check_options(o)
+    method_info = baselines.describe(o.method, src.spec, spec_t) if o.method != "ligo" else {}  # refusals here
+    out = o.out
+    if out is None and o.write:
+        out = Path(f"{target_name or f'L{spec_t.layers}-D{spec_t.width}'}-from-{_name_of(source)}-{o.method}")
+    if o.write and out is not None and Path(out).exists() and not o.overwrite:
         raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
-    dev = resolve_device(device)
-
-    def run_baseline() -> tuple[dict, dict]:
-        weights = src.materialize(torch.float32)
-        grown = baselines.expand(method, src.spec, weights, spec_t, seed)
-        report: dict = {
-            "source": str(src.source) if src.source is not None else _name_of(source),
-            "source_family": src.family, "target": target or None, "family": out_family, **method_info,
-            "source_spec": _sizes(src.spec), "target_spec": _sizes(spec_t), "seed": seed, "steps": 0,
-        }
-        if eval_batches > 0:  # the same held-out loss LiGO reports at init, for comparison
-            obj, why = choose_objective(src.spec, objective)
-            val = list(itertools.islice(data_mod.batches(spec_t, data, src.source, "val", batch_size, seq_len, seed),
-                                        eval_batches))
-            teacher = Teacher(src.spec, weights, dev) if obj == "distill" else None
-            report.update({"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, data),
-                           "loss_init": evaluate_loss(spec_t, grown, val, obj, teacher, dev)})
-            say(f"{method}: validation {obj} loss of the grown model {report['loss_init']:.4f}")
-        return grown, report
-
-    def run() -> GrowResult:
-        rank, size = world()
-        if method != "ligo":
-            grown, report = run_baseline()
-            return finish(rank, grown, report, None)
-        weights = src.materialize(torch.float32)
-        op = LigoOperator(src.spec, spec_t, weights, shared_width=shared_width, learn=learn)
-        op.initialize(depth_init, width_init, noise, seed)
-        init_note = baselines.ligo_init(op, init, seed) if init else None
-        op.to(dev)
-        fitting = operator is None and steps > 0
-        report: dict = {
-            "source": str(src.source) if src.source is not None else _name_of(source),
-            "source_family": src.family,
-            "target": target or None,
-            "family": out_family,
-            "method": "ligo",
-            "variant": "shared" if shared_width else "per-layer",
-            "learn": learn,
-            "init": ({"method": init, "note": init_note} if init else
-                     {"depth": depth_init, "width": width_init, "noise": noise}),
-            "source_spec": _sizes(src.spec),
-            "target_spec": _sizes(spec_t),
-            "operator_parameters": op.operator_parameter_count(),
-            "seed": seed,
-        }
-        if operator is not None:
-            meta = op.load(operator)
-            report.update({"operator_file": str(operator), "steps": 0, "fitted_with": {k: meta.get(k) for k in (
-                "steps", "lr", "objective", "data") if k in meta}})
-            say(f"applied the operator from {operator}")
-        if fitting:
-            obj, why = choose_objective(src.spec, objective)
-            say(f"objective: {why}")
-            if not any(p.requires_grad for p in op.parameters()):
-                say(f"with --learn {learn} this growth has nothing to fit (that part does not grow); the initial "
-                    f"operator is written")
-            tok_dir = src.source
-            stream = data_mod.batches(spec_t, data, tok_dir, "train", batch_size, seq_len, seed)
-            first = next(stream)  # bad or empty data fails here, before any fitting
-            stream = itertools.chain([first], stream)
-            val = list(itertools.islice(data_mod.batches(spec_t, data, tok_dir, "val", batch_size, seq_len, seed),
-                                        eval_batches))
-            teacher = Teacher(src.spec, weights, dev) if obj == "distill" else None
-            loss_init = _val_loss(op, spec_t, val, obj, teacher, dev)
-            bar = None
-            if progress and rank == 0:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps, desc="fitting LiGO", unit="step", leave=False, file=sys.stderr, disable=None)
-
-            def on_step(step, loss):
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-
-            try:
-                result = fit(op, spec_t, stream, obj, steps, lr, teacher, dev, on_step)
-            finally:
-                if bar is not None:
-                    bar.close()
-            loss_final = _val_loss(op, spec_t, val, obj, teacher, dev)
-            say(f"validation {obj} loss: {loss_init:.4f} at init -> {loss_final:.4f} after {steps} steps "
-                f"({result.wall_s:.1f} s)")
-            report.update({"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, data),
-                           "steps": steps, "lr": lr, "batch_size": batch_size,
-                           "seq_len": data_mod.usable_seq_len(spec_t, seq_len) if spec_t.input == "tokens" else None,
-                           "loss_init": loss_init, "loss_final": loss_final,
-                           "train_loss_first": result.losses[0] if result.losses else None,
-                           "train_loss_last": result.losses[-1] if result.losses else None,
-                           "fit_wall_s": round(result.wall_s, 3), "world_size": size})
-        elif operator is None:
-            report["steps"] = 0
-        with torch.no_grad():
-            grown = {k: v.detach().cpu() for k, v in op().items()}
-        if rank == 0 and save_operator is not None:
-            op.save(save_operator, {k: report.get(k) for k in ("steps", "lr", "objective", "data", "seed")})
-        return finish(rank, grown, report, op)
-
-    def finish(rank: int, grown: dict, report: dict, op) -> GrowResult:
-        report.update({"device": str(dev), "versions": {"ligo_convert": __version__, "torch": torch.__version__,
-                                                         "python": platform.python_version()}})
-        out_dtype = dtype or src.dtype or torch.float32
-        grown = {k: v.to(out_dtype) for k, v in grown.items()}
-        written = None
-        if rank == 0:
-            report["wall_s"] = round(time.perf_counter() - wall, 3)
-            if write:
-                model = from_tensors(spec_t, grown, family=out_family, config=src.config, source=src.source)
-                written = save(model, out, family=out_family, overwrite=overwrite,
-                               extra_files={"growth.json": json.dumps(report, indent=2) + "\n"})
-                say(f"wrote {written}")
-        return GrowResult(written, spec_t, out_family, grown, report, op)
-
-    with distributed(dev):
-        return run()
+    stream = choose_stream(spec_t, o.materialize)
+    return GrowPlan(src, _name_of(source), target, spec_t, out_family, method_info,
+                    Path(out) if out is not None else None, stream, o)
 
 
-def _val_loss(op, spec, val, objective, teacher, device) -> float:
-    with torch.no_grad():
-        weights = op()
-    return evaluate_loss(spec, weights, val, objective, teacher, device)
+def _check_options(o: GrowOptions) -> None:
+    if o.depth_init not in inits.DEPTH_INITS:
+        raise LigoError(f"unknown depth init {o.depth_init!r}; choose one of {', '.join(inits.DEPTH_INITS)}")
+    if o.width_init not in inits.WIDTH_INITS:
+        raise LigoError(f"unknown width init {o.width_init!r}; choose one of {', '.join(inits.WIDTH_INITS)}")
+    if o.steps < 0:
+        raise LigoError(f"--steps must be 0 or more, not {o.steps}")
+    if o.method != "ligo" and o.method not in baselines.METHODS:
+        raise LigoError(f"unknown method {o.method!r}; choose one of ligo, {', '.join(baselines.METHODS)}")
+    if o.method != "ligo" and (o.init or o.operator):
+        raise LigoError(f"--init and --operator belong to the ligo method, not {o.method}")
+    if o.parallel not in PARALLEL:
+        raise LigoError(f"unknown --parallel {o.parallel!r}; choose one of {', '.join(PARALLEL)}")
+
+
+def _base_report(plan: GrowPlan) -> dict:
+    src = plan.src
+    return {"source": str(src.source) if src.source is not None else plan.source_name, "source_family": src.family,
+            "target": plan.target or None, "family": plan.family}
+
+
+def initialise(plan: GrowPlan, dev: torch.device) -> Growth:
+    """The starting point: a baseline's grown tensors, or the LiGO operator at its initial value (or loaded from
+    ``operator``), on ``dev``."""
+    o, src, spec_t = plan.options, plan.src, plan.spec
+    if o.method != "ligo":
+        grown = baselines.expand(o.method, src.spec, src.materialize(torch.float32), spec_t, o.seed)
+        report = {**_base_report(plan), **plan.method_info, "source_spec": _sizes(src.spec),
+                  "target_spec": _sizes(spec_t), "seed": o.seed, "steps": 0}
+        return Growth(report, tensors=grown)
+    op = LigoOperator(src.spec, spec_t, src.tensors, shared_width=o.shared_width, learn=o.learn)
+    op.initialize(o.depth_init, o.width_init, o.noise, o.seed)
+    init_note = baselines.ligo_init(op, o.init, o.seed) if o.init else None
+    report = {**_base_report(plan), "method": "ligo", "variant": "shared" if o.shared_width else "per-layer",
+              "learn": o.learn,
+              "init": ({"method": o.init, "note": init_note} if o.init else
+                       {"depth": o.depth_init, "width": o.width_init, "noise": o.noise}),
+              "source_spec": _sizes(src.spec), "target_spec": _sizes(spec_t),
+              "operator_parameters": op.operator_parameter_count(), "seed": o.seed,
+              "materialize": "layers" if plan.stream else "full", "steps": 0}
+    if o.operator is not None:
+        meta = op.load(o.operator)
+        report.update({"operator_file": str(o.operator), "fitted_with": {k: meta.get(k) for k in (
+            "steps", "lr", "objective", "data") if k in meta}})
+        o.say(f"applied the operator from {o.operator}")
+    op.to(dev)
+    if dev.type == "cuda":
+        op.cast_source(torch.bfloat16)  # the frozen source in bf16; the operator and its AdamW state stay fp32
+    return Growth(report, operator=op)
+
+
+def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
+    """Fit the LiGO operator on the data (LiGO with steps and no saved operator), recording the validation loss
+    before and after; for a baseline, the same validation loss of its grown model."""
+    o, spec_t, op = plan.options, plan.spec, growth.operator
+    fitting = op is not None and o.operator is None and o.steps > 0
+    if not fitting and not (op is None and o.eval_batches > 0):
+        return _save_operator(plan, growth)
+    obj, why = choose_objective(plan.src.spec, o.objective)
+    tok_dir = plan.src.source
+    val = list(itertools.islice(data_mod.batches(spec_t, o.data, tok_dir, "val", o.batch_size, o.seq_len, o.seed,
+                                                 **o.data_options()), o.eval_batches))
+    teacher_weights = op.source_weights() if op is not None else plan.src.materialize(torch.float32)
+    teacher = Teacher(plan.src.spec, teacher_weights, dev) if obj == "distill" else None
+    info = {"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, o.data)}
+    if op is None:  # a baseline: the same held-out loss LiGO reports at init, for comparison
+        growth.report.update({**info, "loss_init": evaluate_loss(spec_t, growth.tensors, val, obj, teacher, dev)})
+        o.say(f"{o.method}: validation {obj} loss of the grown model {growth.report['loss_init']:.4f}")
+        return None
+    o.say(f"objective: {why}")
+    if not any(p.requires_grad for p in op.parameters()):
+        o.say(f"with --learn {o.learn} this growth has nothing to fit (that part does not grow); the initial "
+              f"operator is written")
+    stream = data_mod.batches(spec_t, o.data, tok_dir, "train", o.batch_size, o.seq_len, o.seed,
+                              **o.data_options())
+    first = next(stream)  # bad or empty data fails here, before any fitting
+    stream = itertools.chain([first], stream)
+    loss_init = evaluate_loss(spec_t, GrowingModel(op), val, obj, teacher, dev)
+    with _progress(o.steps, o.progress and world()[0] == 0) as on_step:
+        result = fit(op, spec_t, stream, obj, o.steps, o.lr, teacher, dev, on_step, stream=plan.stream,
+                     parallel=o.parallel)
+    loss_final = evaluate_loss(spec_t, GrowingModel(op), val, obj, teacher, dev)
+    o.say(f"validation {obj} loss: {loss_init:.4f} at init -> {loss_final:.4f} after {o.steps} steps "
+          f"({result.wall_s:.1f} s)")
+    growth.report.update({**info, "steps": o.steps, "lr": o.lr, "batch_size": o.batch_size,
+                          "seq_len": data_mod.usable_seq_len(spec_t, o.seq_len) if spec_t.input == "tokens" else None,
+                          "loss_init": loss_init, "loss_final": loss_final,
+                          "train_loss_first": result.losses[0] if result.losses else None,
+                          "train_loss_last": result.losses[-1] if result.losses else None,
+                          "fit_wall_s": round(result.wall_s, 3), "world_size": world()[1],
+                          "parallel": o.parallel if world()[1] > 1 else None})
+    return _save_operator(plan, growth)
+
+
+def _save_operator(plan: GrowPlan, growth: Growth) -> None:
+    if growth.operator is not None and plan.options.save_operator is not None and world()[0] == 0:
+        report = growth.report
+        growth.operator.save(plan.options.save_operator,
+                             {k: report.get(k) for k in ("steps", "lr", "objective", "data", "seed")})
+
+
+@contextlib.contextmanager
+def _progress(steps: int, enabled: bool):
+    """A tqdm bar over the fitting steps (stderr); yields the per-step callback."""
+    bar = None
+    if enabled:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="fitting LiGO", unit="step", leave=False, file=sys.stderr, disable=None)
+
+    def on_step(step, loss):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    try:
+        yield on_step
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def write_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> GrowResult:
+    """Write the grown model in the output family's layout (rank 0): LiGO's tensors are made one at a time from
+    the operator as the sharded writer asks for them, so the whole grown model is never in memory."""
+    o, report = plan.options, growth.report
+    report.update({"device": str(dev), "versions": {"ligo_convert": __version__, "torch": torch.__version__,
+                                                     "python": platform.python_version()}})
+    out_dtype = o.dtype or plan.src.dtype or torch.float32
+    if growth.operator is not None:
+        grown = growth.operator.grown(out_dtype)
+    else:
+        grown = {k: v.to(out_dtype) for k, v in growth.tensors.items()}
+    written = None
+    if world()[0] == 0:
+        report["wall_s"] = round(time.perf_counter() - plan.started, 3)
+        if o.write:
+            model = from_tensors(plan.spec, grown, family=plan.family, config=plan.src.config,
+                                 source=plan.src.source)
+            written = save(model, plan.out, family=plan.family, overwrite=o.overwrite,
+                           extra_files={"growth.json": json.dumps(report, indent=2) + "\n"})
+            o.say(f"wrote {written}")
+    return GrowResult(written, plan.spec, plan.family, grown, report, growth.operator)
 
 
 def _sizes(spec: Spec) -> dict:

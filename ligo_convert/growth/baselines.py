@@ -442,20 +442,21 @@ def ligo_init(operator, method: str, seed: int = 0) -> str:
             for i, (src, zero) in enumerate(mapping):
                 if not (zero and module in ZERO_OUTPUT):
                     mix[i, src] = 1.0
-            operator.depth(module).copy_(mix)
+            operator.set_depth(module, mix)
     residual = residual_growth(method, source, target, g)
     if residual is not None:
-        operator.width("residual").copy_(_selection(residual, target.width))
+        operator.set_width("residual", _selection(residual, target.width))
     per_source = [layer_growths(source, target, method == "lemon", g) for _ in range(source.layers)]
     for kind in operator.width_kinds:
         if kind == "residual" or kind in operator.tied:
             continue
-        matrix = operator.width(kind)
+        matrix = operator.width(kind).clone()
         if matrix.dim() == 3:  # one per target layer: the copies of the small layer it starts from
             for i, (src, _) in enumerate(mapping):
-                matrix[i].copy_(_selection(per_source[src][kind], matrix.shape[-2]))
+                matrix[i] = _selection(per_source[src][kind], matrix.shape[-2])
         else:
-            matrix.copy_(_selection(per_source[0][kind], matrix.shape[-2]))
+            matrix = _selection(per_source[0][kind], matrix.shape[-2])
+        operator.set_width(kind, matrix)
     return LIGO_INIT_NOTES[method]
 
 

@@ -1,5 +1,13 @@
-"""Fitting the operator: every step materialises the large weights from the frozen small ones, runs the canonical
-forward of the large model, and takes the objective's loss; only the operator learns (AdamW, gradient clipping).
+"""Fitting the operator: every step makes the large weights from the frozen small ones, runs the canonical forward of
+the large model, and takes the objective's loss; only the operator learns (AdamW, gradient clipping).
+
+The large model is made a layer at a time, inside the forward (:class:`GrowingModel`): each block asks the operator
+for its weights when it runs, and the vocabulary tables stay factored.  With ``stream`` every block also runs under
+non-reentrant activation checkpointing, so the backward makes its weights and activations again instead of keeping
+them: peak memory is then the source + the operator and its optimizer state + about one target layer + the
+activations at layer boundaries.  Both modes run the same arithmetic in the same order (the recomputation repeats the
+forward exactly), so they give the same losses, gradients and operators bit for bit on the CPU; streaming only trades
+one more forward per step for memory.  ``stream="auto"`` streams targets of ``STREAM_ABOVE_BYTES`` or more.
 
 Data-parallel: when ``torch.distributed`` is initialised, every rank draws the same global batch, keeps its own
 slice, and the operator is wrapped in DistributedDataParallel.  Each rank divides its summed loss by the global
@@ -32,6 +40,36 @@ DEFAULT_STEPS = 100
 ADAM_EPS = 1e-6  # official LiGO code
 WEIGHT_DECAY = 0.0
 CLIP = 1.0
+# Stream (checkpoint every layer) when the target's fp32 weights reach this size.  Below it, keeping every layer for
+# the backward costs little memory and saves the second forward (a fixed size, not the free memory: the same command
+# makes the same choice on every machine).
+STREAM_ABOVE_BYTES = 256 * 2**20
+STREAM_CHOICES = ("auto", "layers", "full")
+PARALLEL = ("ddp", "fsdp")
+
+
+def choose_stream(target: Spec, choice: str = "auto") -> bool:
+    """True to stream the fitting layer by layer under checkpointing (``layers``), False to keep every layer for the
+    backward (``full``); ``auto`` decides by the target's size."""
+    if choice not in STREAM_CHOICES:
+        raise LigoError(f"unknown --materialize {choice!r}; choose one of {', '.join(STREAM_CHOICES)}")
+    if choice == "auto":
+        return target.parameter_count() * 4 >= STREAM_ABOVE_BYTES
+    return choice == "layers"
+
+
+class GrowingModel(torch.nn.Module):
+    """The target model as the operator makes it: ``forward(batch inputs)`` runs the canonical forward with each
+    block's weights made when it runs (and, with ``stream``, again in the backward).  What DDP and FSDP wrap."""
+
+    def __init__(self, operator: torch.nn.Module, stream: bool = False, attention: str = "sdpa"):
+        super().__init__()
+        self.operator, self.stream, self.attention = operator, stream, attention
+
+    def forward(self, **inputs) -> dict:
+        op = self.operator
+        return forward(op.target, op.global_weights(factored=True), **inputs, layer_weights=op.layer_weights,
+                       checkpoint=self.stream, attention=self.attention)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -110,14 +148,16 @@ class Teacher:
 
 
 @torch.no_grad()
-def evaluate_loss(spec: Spec, weights: dict, batches: Iterable[dict], objective: str, teacher: Teacher | None,
+def evaluate_loss(spec: Spec, weights, batches: Iterable[dict], objective: str, teacher: Teacher | None,
                   device: torch.device) -> float:
-    """Mean objective loss over ``batches`` (every example counted once)."""
+    """Mean objective loss over ``batches`` (every example counted once).  ``weights``: a mapping of canonical
+    weights, or a :class:`GrowingModel` (the target made layer by layer, never whole)."""
     total, count = 0.0, 0.0
     for batch in batches:
         batch = data_mod.to_device(batch, device)
         with autocast(device):
-            out = forward(spec, weights, **data_mod.model_inputs(batch))
+            inputs = data_mod.model_inputs(batch)
+            out = weights(**inputs) if isinstance(weights, torch.nn.Module) else forward(spec, weights, **inputs)
             s, c = loss_terms(spec, objective, out, batch, teacher(batch) if teacher else None)
         total += float(s)
         count += float(c)
@@ -134,9 +174,11 @@ class FitResult:
 
 def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], objective: str, steps: int = DEFAULT_STEPS,
         lr: float = DEFAULT_LR, teacher: Teacher | None = None, device: torch.device | None = None,
-        on_step: Callable[[int, float], None] | None = None, relative_lr: bool = True) -> FitResult:
-    """Train ``operator`` for ``steps`` steps on ``batches`` (global batches).  Raises LigoError, changing nothing on
-    disk, when the loss turns NaN or infinite."""
+        on_step: Callable[[int, float], None] | None = None, relative_lr: bool = True,
+        stream: bool = False, parallel: str = "ddp") -> FitResult:
+    """Train ``operator`` for ``steps`` steps on ``batches`` (global batches); ``stream``: layer by layer under
+    activation checkpointing (see the module docstring).  Raises LigoError, changing nothing on disk, when the loss
+    turns NaN or infinite."""
     device = device or torch.device("cpu")
     params = [p for p in operator.parameters() if p.requires_grad]
     result = FitResult(steps, lr)
@@ -145,17 +187,16 @@ def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], object
     if lr <= 0 or not math.isfinite(lr):
         raise LigoError(f"the learning rate must be a positive number, not {lr}")
     rank, size = world()
-    model = operator
+    model = GrowingModel(operator, stream)
     if size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(operator, broadcast_buffers=False)
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     groups = operator.param_groups(lr) if relative_lr else [{"params": params, "lr": lr}]
     opt = torch.optim.AdamW(groups, lr=lr, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
     start = time.perf_counter()
     for step in range(steps):
         batch = data_mod.to_device(local_share(next(batches)), device)
         with autocast(device):
-            weights = model()
-            out = forward(target, weights, **data_mod.model_inputs(batch))
+            out = model(**data_mod.model_inputs(batch))
             total, count = loss_terms(target, objective, out, batch, teacher(batch) if teacher else None)
         count = _all_sum(count.to(device))
         global_loss = float(_all_sum(total.detach().float()) / count.clamp(min=1))
@@ -170,5 +211,6 @@ def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], object
         result.losses.append(global_loss)
         if on_step:
             on_step(step, global_loss)
+    del opt  # its state is as large as the operator: free it before validation and writing
     result.wall_s = time.perf_counter() - start
     return result

@@ -9,11 +9,16 @@ input is ``mlp`` so it uses fc1's matrix, biases and norms use their axis' space
 output, one head_dim slice per query head) uses V's matrix whenever the two spaces have the same size (no grouped-
 query attention in either model), as in the paper; with GQA it has its own, initialised from the query heads.
 Spaces that do not grow (vocab, classes, positions, channels, patch...) are the identity; so is depth when the layer
-count is unchanged.  M = L_depth R_width is never formed: each target tensor costs a few matrix products.
+count is unchanged.  M = L_depth R_width is never formed: each target tensor costs a few matrix products, in the cheaper order.
+
+The operator makes the target a layer at a time (``layer_weights(i)``), so the fitting forward can produce each layer
+when it runs and, under activation checkpointing, again in the backward; writing reads one tensor at a time through
+``grown()``.  Per-layer parts (that layer's width matrices and depth-mixing rows) live in ``layer_ops[i]``.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import json
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LigoError
+from ..model import Factored
 from ..spec import CANONICAL, PER_LAYER_SPACES, Spec, module_of, pattern_of, space_kind
 from . import init as inits
 
@@ -32,6 +38,9 @@ HEAD_SPACES = {"q": "heads", "o": "heads", "k": "kv_heads", "v": "kv_heads"}
 TIED = {"o": "v"}
 # Spec fields a growth target may change; everything else must stay as the source has it.
 SIZE_FIELDS = ("layers", "width", "heads", "kv_heads", "mlp")
+# Tables the fitting forward keeps factored (rows looked up / decoded through B_emb): the vocabulary is the only
+# axis large enough for that to matter (50k-250k rows against a width of 1-8k).
+FACTORED_SPACES = ("vocab",)
 
 
 def check_growable(source: Spec, target: Spec) -> None:
@@ -54,24 +63,55 @@ def check_growable(source: Spec, target: Spec) -> None:
         raise LigoError(f"target heads ({target.heads}) must be a multiple of its kv_heads ({target.kv_heads})")
 
 
-def _apply(x: Tensor, matrix: Tensor, axis: int) -> Tensor:
-    """Expand ``x`` along ``axis`` by ``matrix`` (D2, D1), or per leading layer by a stack (L, D2, D1)."""
-    moved = x.movedim(axis, -1)
-    if matrix.dim() == 3:
-        shape = moved.shape
-        out = torch.bmm(moved.reshape(shape[0], -1, shape[-1]), matrix.transpose(1, 2))
-        out = out.reshape(*shape[:-1], matrix.shape[1])
+def expand(x: Tensor, mats: list[Tensor | None]) -> Tensor:
+    """``x`` with each axis ``a`` multiplied by ``mats[a]`` (D2, D1) where it is not None: ``B_out x B_in^T`` for a
+    matrix, in the product order with fewer FLOPs, and without moving axes (no transposed copies)."""
+    grows = [a for a, m in enumerate(mats) if m is not None]
+    if not grows:
+        return x
+    if x.dim() == 1:
+        return mats[0] @ x
+    if grows == [0]:  # only the output axis (biases of 2-D+ tensors: the patch kernel): one matmul
+        return (mats[0] @ x.reshape(x.shape[0], -1)).reshape(mats[0].shape[0], *x.shape[1:])
+    if x.dim() == 2 and grows == [1]:
+        return x @ mats[1].T
+    if x.dim() == 2:
+        b_out, b_in = mats
+        (d2o, d1o), (d2i, d1i) = b_out.shape, b_in.shape
+        if d2o * d1o * d1i + d2o * d1i * d2i <= d1o * d1i * d2i + d2o * d1o * d2i:
+            return (b_out @ x) @ b_in.T
+        return b_out @ (x @ b_in.T)
+    for axis in grows:  # not reached by the canonical tensors; kept general
+        x = (x.movedim(axis, -1) @ mats[axis].T).movedim(-1, axis)
+    return x
+
+
+class LayerOperator(torch.nn.Module):
+    """What belongs to one target layer: its own q/k/v/o/mlp width matrices (unless the width is shared) and its
+    row of every depth-mixing matrix.  A module of its own, so FSDP can shard and gather the operator layer by layer;
+    calling it returns its tensors by key (``width__q``, ``depth__q__weight``)."""
+
+    def forward(self) -> dict[str, Tensor]:
+        return {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+
+
+def _register(module: torch.nn.Module, key: str, value: Tensor, trainable: bool) -> None:
+    if trainable:
+        module.register_parameter(key, torch.nn.Parameter(value))
     else:
-        out = moved @ matrix.T
-    return out.movedim(-1, axis)
+        module.register_buffer(key, value)
 
 
 class LigoOperator(torch.nn.Module):
-    """The operator for growing ``source`` (spec + weights, frozen) into ``target``.  Calling it returns the target's
-    canonical weights, differentiable with respect to the operator's parameters.
+    """The operator for growing ``source`` (spec + weights, frozen) into ``target``.
+
+    ``global_weights()`` and ``layer_weights(i)`` give the target's canonical weights (differentiable with respect to
+    the operator's parameters) a part at a time, so a forward can make each layer when it runs; ``tensor(name)`` one
+    tensor (for writing); calling the operator gives them all.
 
     ``shared_width``: one q/k/v/o/mlp matrix for all target layers instead of one per layer.  ``learn``: which part
-    trains (``both``, ``width`` or ``depth``); the other keeps its initial value.
+    trains (``both``, ``width`` or ``depth``); the other keeps its initial value.  The frozen source is held as
+    parameters that do not train, so FSDP shards it with the operator.
     """
 
     def __init__(self, source: Spec, target: Spec, weights: Mapping[str, Tensor], shared_width: bool = False,
@@ -84,11 +124,12 @@ class LigoOperator(torch.nn.Module):
         names = target.tensor_names()
         self.global_names = [n for n in names if pattern_of(n)[1] is None]
         self.module_types = [module_of(n) for n in names if pattern_of(n)[1] == 0]
-        for name in self.global_names:
-            self.register_buffer(self._key("src", name), weights[name].detach().float(), persistent=False)
-        for module in self.module_types:
-            stack = torch.stack([weights[f"layers.{j}.{module}"].detach().float() for j in range(source.layers)])
-            self.register_buffer(self._key("src", module), stack, persistent=False)
+        frozen = {name: weights[name] for name in self.global_names}
+        frozen.update({module: torch.stack([weights[f"layers.{j}.{module}"] for j in range(source.layers)])
+                       for module in self.module_types})
+        for name, value in frozen.items():
+            self.register_parameter(self._key("src", name), torch.nn.Parameter(value.detach().float(),
+                                                                               requires_grad=False))
 
         kinds = sorted({space_kind(t) for n in names for t in CANONICAL[pattern_of(n)[0]]})
         self.width_kinds: dict[str, tuple[int, int]] = {}  # kind -> (d2, d1), for every space that grows
@@ -98,16 +139,17 @@ class LigoOperator(torch.nn.Module):
                 self.width_kinds[kind] = (d2, d1)
         self.tied = {k: v for k, v in TIED.items() if k in self.width_kinds and v in self.width_kinds
                      and self.width_kinds[k] == self.width_kinds[v]}
-        for kind, (d2, d1) in self.width_kinds.items():
+        self.depth_grows = target.layers != source.layers
+        self.layer_ops = torch.nn.ModuleList(LayerOperator() for _ in range(target.layers))
+        learn_width, learn_depth = learn in ("both", "width"), learn in ("both", "depth")
+        for kind, shape in self.width_kinds.items():
             if kind in self.tied:
                 continue
-            shape = (target.layers, d2, d1) if self._per_layer(kind) else (d2, d1)
-            self._register(self._key("width", kind), torch.zeros(shape), learn in ("both", "width"))
-        self.depth_grows = target.layers != source.layers
-        if self.depth_grows:
-            for module in self.module_types:
-                self._register(self._key("depth", module), torch.zeros(target.layers, source.layers),
-                               learn in ("both", "depth"))
+            for owner in (self.layer_ops if self._per_layer(kind) else [self]):
+                _register(owner, self._key("width", kind), torch.zeros(shape), learn_width)
+        for module in self.module_types if self.depth_grows else []:
+            for layer_op in self.layer_ops:
+                _register(layer_op, self._key("depth", module), torch.zeros(source.layers), learn_depth)
         self.initialize()
 
     # -- structure ----------------------------------------------------------------------------------------------------
@@ -115,23 +157,52 @@ class LigoOperator(torch.nn.Module):
     def _key(part: str, name: str) -> str:
         return f"{part}__{name.replace('.', '__')}"
 
-    def _register(self, key: str, value: Tensor, trainable: bool) -> None:
-        if trainable:
-            self.register_parameter(key, torch.nn.Parameter(value))
-        else:
-            self.register_buffer(key, value)
-
     def _per_layer(self, kind: str) -> bool:
         return kind in PER_LAYER_SPACES and not self.shared_width
 
-    def width(self, kind: str) -> Tensor | None:
-        """The expansion matrix of a space kind: (D2, D1), or (L2, D2, D1) when per layer; None if it does not grow."""
+    def _source(self, name: str) -> Tensor:
+        """A frozen source tensor: a global one by name, or a module type's (L1, ...) stack."""
+        return getattr(self, self._key("src", name))
+
+    def _matrix(self, kind: str, own: Mapping[str, Tensor] | None) -> Tensor | None:
+        """The expansion matrix of ``kind`` for one layer (``own``: that layer's tensors) or for global tensors."""
         kind = self.tied.get(kind, kind)
-        return getattr(self, self._key("width", kind)) if kind in self.width_kinds else None
+        if kind not in self.width_kinds:
+            return None
+        key = self._key("width", kind)
+        return own[key] if self._per_layer(kind) else getattr(self, key)
+
+    def width(self, kind: str) -> Tensor | None:
+        """The expansion matrix of a space kind: (D2, D1), or (L2, D2, D1) stacked when per layer; None if it does
+        not grow."""
+        kind = self.tied.get(kind, kind)
+        if kind not in self.width_kinds:
+            return None
+        key = self._key("width", kind)
+        if self._per_layer(kind):
+            return torch.stack([getattr(layer_op, key) for layer_op in self.layer_ops])
+        return getattr(self, key)
 
     def depth(self, module: str) -> Tensor | None:
         """The (L2, L1) mixing matrix of a module type (``q.weight``); None when the layer count does not change."""
-        return getattr(self, self._key("depth", module)) if self.depth_grows else None
+        if not self.depth_grows:
+            return None
+        return torch.stack([getattr(layer_op, self._key("depth", module)) for layer_op in self.layer_ops])
+
+    @torch.no_grad()
+    def set_width(self, kind: str, value: Tensor) -> None:
+        key = self._key("width", self.tied.get(kind, kind))
+        if self._per_layer(kind):
+            for layer_op, row in zip(self.layer_ops, value.expand(self.target.layers, *value.shape[-2:])):
+                getattr(layer_op, key).copy_(row)
+        else:
+            target = getattr(self, key)
+            target.copy_(value.reshape(target.shape))
+
+    @torch.no_grad()
+    def set_depth(self, module: str, value: Tensor) -> None:
+        for layer_op, row in zip(self.layer_ops, value):
+            getattr(layer_op, self._key("depth", module)).copy_(row)
 
     def named_operator_tensors(self) -> dict[str, Tensor]:
         """Every operator tensor (learned or fixed) by a readable name: ``width.q``, ``depth.fc1.weight``."""
@@ -149,14 +220,17 @@ class LigoOperator(torch.nn.Module):
         rows start as combinations of D1 old neurons (entries ~1/D1), a depth row as a combination of L1 layers
         (~1/L1), so they step by ``lr / D1`` and ``lr / L1``: the same relative change whatever the model size."""
         groups = []
-        for kind in self.width_kinds:
-            t = self.width(kind)
-            if kind not in self.tied and t.requires_grad:
-                groups.append({"params": [t], "lr": lr / self.width_kinds[kind][1], "name": f"width.{kind}"})
+        for kind, (_, d1) in self.width_kinds.items():
+            key = self._key("width", kind)
+            owners = self.layer_ops if self._per_layer(kind) else [self]
+            params = [getattr(o, key) for o in owners if kind not in self.tied and key in o._parameters]
+            if params:
+                groups.append({"params": params, "lr": lr / d1, "name": f"width.{kind}"})
         for module in self.module_types if self.depth_grows else []:
-            t = self.depth(module)
-            if t.requires_grad:
-                groups.append({"params": [t], "lr": lr / self.source.layers, "name": f"depth.{module}"})
+            key = self._key("depth", module)
+            params = [layer_op._parameters[key] for layer_op in self.layer_ops if key in layer_op._parameters]
+            if params:
+                groups.append({"params": params, "lr": lr / self.source.layers, "name": f"depth.{module}"})
         return groups
 
     def operator_parameter_count(self) -> int:
@@ -170,52 +244,81 @@ class LigoOperator(torch.nn.Module):
         g = torch.Generator().manual_seed(seed)
         s, t = self.source, self.target
         for module in self.module_types if self.depth_grows else []:
-            self.depth(module).copy_(inits.depth_matrix(t.layers, s.layers, depth, noise, g))
+            self.set_depth(module, inits.depth_matrix(t.layers, s.layers, depth, noise, g))
         head_kinds = [k for k in self.width_kinds if k in HEAD_SPACES and k not in self.tied]
         for kind in sorted(self.width_kinds):
             if kind in self.tied or kind in HEAD_SPACES:
                 continue
             d2, d1 = self.width_kinds[kind]
-            value = self.width(kind)
-            if value.dim() == 3:
-                for layer in range(value.shape[0]):
-                    value[layer].copy_(inits.width_matrix(d2, d1, width, noise, g))
-            else:
-                value.copy_(inits.width_matrix(d2, d1, width, noise, g))
+            layers = t.layers if self._per_layer(kind) else 1
+            self.set_width(kind, torch.stack([inits.width_matrix(d2, d1, width, noise, g) for _ in range(layers)]))
         if head_kinds:
             layers = t.layers if any(self._per_layer(k) for k in head_kinds) else 1
-            for layer in range(layers):
-                mats = inits.head_matrices((s.heads, t.heads), (s.kv_heads, t.kv_heads), s.head_dim, width, noise, g)
-                for kind in head_kinds:
-                    value = self.width(kind)
-                    (value[layer] if value.dim() == 3 else value).copy_(mats[kind])
+            mats = [inits.head_matrices((s.heads, t.heads), (s.kv_heads, t.kv_heads), s.head_dim, width, noise, g)
+                    for _ in range(layers)]
+            for kind in head_kinds:
+                self.set_width(kind, torch.stack([m[kind] for m in mats]))
 
     # -- application -------------------------------------------------------------------------------------------------
-    def _expand(self, x: Tensor, tags: tuple[str, ...], first_axis: int) -> Tensor:
-        for axis, tag in enumerate(tags):
-            matrix = self.width(space_kind(tag))
-            if matrix is not None:
-                if matrix.dim() == 3 and first_axis == 0:
-                    raise AssertionError(f"per-layer space {tag} on a non-layer tensor")
-                x = _apply(x, matrix, axis + first_axis)
-        return x
-
-    def forward(self) -> dict[str, Tensor]:
-        """The target model's canonical weights (fp32, on the operator's device)."""
+    def global_weights(self, factored: bool = False) -> dict[str, Tensor | Factored]:
+        """The target's tensors outside the layers (embeddings, final norm, heads).  With ``factored``, a vocabulary
+        table that grows only in width comes as :class:`Factored` (source table, B_emb): the forward then looks rows
+        up and decodes without ever forming the (vocab x width) table."""
         out = {}
         for name in self.global_names:
-            out[name] = self._expand(getattr(self, self._key("src", name)), CANONICAL[name], 0)
-        for module in self.module_types:
-            stack = getattr(self, self._key("src", module))  # (L1, ...)
-            mix = self.depth(module)
-            if mix is not None:
-                stack = torch.tensordot(mix, stack, dims=([1], [0]))  # (L2, ...)
-            stack = self._expand(stack, CANONICAL["layers.{i}." + module], 1)
-            # unbind, not indexing: its backward stacks the layer gradients once instead of one zero-filled copy
-            # of the whole stack per layer
-            for layer, tensor in enumerate(stack.unbind(0)):
-                out[f"layers.{layer}.{module}"] = tensor
+            tags = CANONICAL[name]
+            mats = [self._matrix(space_kind(tag), None) for tag in tags]
+            if factored and tags[0] in FACTORED_SPACES and mats[0] is None and len(mats) == 2 and mats[1] is not None:
+                out[name] = Factored(self._source(name), mats[1])
+            else:
+                out[name] = expand(self._source(name), mats)
         return out
+
+    def layer_weights(self, layer: int) -> dict[str, Tensor]:
+        """Target layer ``layer``'s tensors: each module's depth mix of the source layers, expanded in width."""
+        own = self.layer_ops[layer]()  # one call per layer: FSDP gathers this layer's operator here
+        return {f"layers.{layer}.{module}": self._layer_tensor(layer, module, own) for module in self.module_types}
+
+    def _layer_tensor(self, layer: int, module: str, own: Mapping[str, Tensor]) -> Tensor:
+        stack = self._source(module)  # (L1, ...)
+        if self.depth_grows:
+            mixed = torch.tensordot(own[self._key("depth", module)].to(stack.dtype), stack, dims=1)
+        else:
+            mixed = stack[layer]
+        return expand(mixed, [self._matrix(space_kind(tag), own) for tag in CANONICAL["layers.{i}." + module]])
+
+    def tensor(self, name: str) -> Tensor:
+        """One canonical tensor of the target."""
+        pattern, layer = pattern_of(name)
+        if layer is None:
+            return expand(self._source(name), [self._matrix(space_kind(t), None) for t in CANONICAL[name]])
+        return self._layer_tensor(layer, module_of(name), self.layer_ops[layer]())
+
+    def forward(self) -> dict[str, Tensor]:
+        """Every canonical weight of the target (fp32, on the operator's device)."""
+        out = self.global_weights()
+        for layer in range(self.target.layers):
+            out.update(self.layer_weights(layer))
+        return out
+
+    def grown(self, dtype: torch.dtype | None = None) -> "GrownTensors":
+        """The target's tensors as a read-only mapping that makes each one when it is read (on the CPU, in
+        ``dtype``): what writing and evaluation take, without the whole grown model in memory."""
+        return GrownTensors(self, dtype)
+
+    def source_weights(self) -> dict[str, Tensor]:
+        """The frozen source's canonical weights (views of what the operator holds, no copies)."""
+        out = {name: self._source(name) for name in self.global_names}
+        for module in self.module_types:
+            for j, t in enumerate(self._source(module).unbind(0)):
+                out[f"layers.{j}.{module}"] = t
+        return out
+
+    def cast_source(self, dtype: torch.dtype) -> None:
+        """Hold the frozen source in ``dtype`` (bf16 on GPU); the operator itself stays fp32."""
+        for name, p in self.named_parameters():
+            if name.startswith("src__"):
+                p.data = p.data.to(dtype)
 
     # -- files ---------------------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -272,5 +375,35 @@ class LigoOperator(torch.nn.Module):
                                 f"{tuple(mine[name].shape)}")
             if not torch.isfinite(value).all():
                 raise LigoError(f"{path}: operator tensor {name} has NaN or infinite values")
-            mine[name].copy_(value)
+        for name, value in tensors.items():
+            part, what = name.split(".", 1)
+            (self.set_width if part == "width" else self.set_depth)(what, value)
         return meta
+
+
+class GrownTensors(collections.abc.Mapping):
+    """The grown model's canonical tensors, each made from the operator when it is read (no gradients, on the CPU,
+    cast to ``dtype``); ``meta`` answers shapes without making anything."""
+
+    def __init__(self, operator: LigoOperator, dtype: torch.dtype | None = None):
+        self.operator, self.dtype = operator, dtype
+        self.names = operator.target.tensor_names()
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        with torch.no_grad():
+            t = self.operator.tensor(name).detach().float().cpu()
+        return t.to(self.dtype) if self.dtype is not None else t
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def meta(self, name: str) -> tuple[tuple, torch.dtype]:
+        return self.operator.target.shape_of(name), self.dtype or torch.float32

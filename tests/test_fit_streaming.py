@@ -1,0 +1,237 @@
+"""Fitting at scale, proved by equality with the simple path.
+
+- Streamed fitting (each target layer made when it runs, under activation checkpointing) and full materialisation
+  give the same loss and operator gradients, for every family, both width variants and every ``--learn`` mode, and
+  the same operator after 5 AdamW steps.
+- The operator's one-layer-at-a-time application (and the factored vocabulary tables) equals the plain product
+  ``B_out (sum_j w_j W_j) B_in^T`` formed densely.
+- SDPA and explicit attention agree, with padding and causal masks and grouped-query attention.
+- A streamed grow writes the same files as the full path, byte for byte; the writer reads the grown model one tensor
+  at a time and never holds it whole.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ligo_convert import data as data_mod
+from ligo_convert import forward, from_tensors, init_weights, save
+from ligo_convert.descriptors import load_descriptors
+from ligo_convert.grow import grow
+from ligo_convert.growth.fit import GrowingModel, choose_stream, fit
+from ligo_convert.growth.operator import LEARN, LigoOperator
+from ligo_convert.growth.pretrain import micro_spec
+from ligo_convert.model import Factored
+from ligo_convert.objectives import loss_terms
+from helpers import assert_same_files, max_diff
+
+FAMILIES = sorted(load_descriptors())
+
+
+def small_spec(family: str, **extra):
+    spec = micro_spec(family, layers=2, width=16, heads=2, mlp=24, vocab_size=40, max_positions=24, image_size=8,
+                      patch_size=4)
+    return spec.replace(**extra) if extra else spec
+
+
+def specs():
+    """Every family's micro spec, plus a GQA decoder, an untied LM head and a post-LN encoder."""
+    out = [(family, small_spec(family)) for family in FAMILIES]
+    out.append(("llama-gqa", small_spec("llama", heads=4, head_dim=4, kv_heads=2)))
+    out.append(("llama-untied", small_spec("llama", tie_embeddings=False)))
+    return out
+
+
+SPECS = specs()
+
+
+def target_of(spec):
+    """Deeper and wider, more heads (same head_dim), the same query heads per key/value head."""
+    heads = spec.heads * 2
+    return spec.replace(layers=3, width=spec.width * 2, heads=heads, kv_heads=heads * spec.kv_heads // spec.heads,
+                        mlp=spec.mlp + 8)
+
+
+def batch_for(spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if spec.input == "patches":
+        return {"pixel_values": torch.randn(3, spec.num_channels, spec.image_size, spec.image_size, generator=g),
+                "labels": torch.randint(spec.num_classes, (3,), generator=g)}
+    ids = torch.randint(spec.vocab_size - 2, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if spec.type_vocab_size:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batch
+
+
+def loss_and_grads(op, spec, batch, stream):
+    op.zero_grad(set_to_none=True)
+    out = GrowingModel(op, stream)(**data_mod.model_inputs(batch))
+    total, count = loss_terms(spec, "task", out, batch)
+    loss = total / count
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in op.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared"])
+@pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
+def test_streamed_and_full_fitting_agree(family, spec, shared):
+    target = target_of(spec)
+    op = LigoOperator(spec, target, init_weights(spec, seed=1), shared_width=shared)
+    batch = batch_for(target)
+    full_loss, full_grads = loss_and_grads(op, target, batch, stream=False)
+    streamed_loss, streamed_grads = loss_and_grads(op, target, batch, stream=True)
+    assert torch.isfinite(full_loss)
+    assert max_diff(full_loss, streamed_loss) <= 1e-6
+    assert full_grads.keys() == streamed_grads.keys() and full_grads
+    for name, g in full_grads.items():
+        assert max_diff(g, streamed_grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), name
+
+
+@pytest.mark.parametrize("learn", LEARN)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared"])
+def test_five_steps_give_the_same_operator_streamed_or_full(learn, shared):
+    spec = small_spec("llama", heads=4, head_dim=4, kv_heads=2)
+    target = target_of(spec)
+    ops = {}
+    for stream in (False, True):
+        op = LigoOperator(spec, target, init_weights(spec, seed=1), shared_width=shared, learn=learn)
+        batches = (batch_for(target, seed=s) for s in itertools.count())
+        result = fit(op, target, batches, "task", steps=5, lr=0.05, stream=stream)
+        assert len(result.losses) == 5
+        ops[stream] = op.named_operator_tensors()
+    before = LigoOperator(spec, target, init_weights(spec, seed=1), shared_width=shared).named_operator_tensors()
+    assert any(max_diff(ops[True][k], before[k]) > 1e-4 for k in before)  # the steps did move it
+    for name, value in ops[False].items():
+        assert max_diff(value, ops[True][name]) <= 1e-5, name
+
+
+def dense_growth(op, name):
+    """``B_out (sum_j w[l, j] W_j) B_in^T`` formed the obvious way, axis by axis, from the stacked operator."""
+    from ligo_convert.spec import CANONICAL, module_of, pattern_of, space_kind
+
+    pattern, layer = pattern_of(name)
+    src = op.source_weights()
+    if layer is None:
+        x = src[name]
+    else:
+        module = module_of(name)
+        layers = torch.stack([src[f"layers.{j}.{module}"] for j in range(op.source.layers)])
+        mix = op.depth(module)
+        x = torch.einsum("j,j...->...", mix[layer], layers) if mix is not None else layers[layer]
+    for axis, tag in enumerate(CANONICAL[pattern]):
+        b = op.width(space_kind(tag))
+        if b is not None:
+            b = b[layer] if b.dim() == 3 else b
+            x = torch.tensordot(b, x.movedim(axis, 0), dims=1).movedim(0, axis)
+    return x
+
+
+@pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
+def test_layer_at_a_time_application_equals_the_dense_product(family, spec):
+    target = target_of(spec)
+    op = LigoOperator(spec, target, init_weights(spec, seed=2))
+    with torch.no_grad():
+        whole = op()
+        grown = op.grown()
+        factored = op.global_weights(factored=True)
+    assert sorted(whole) == sorted(target.tensor_names()) == sorted(grown)
+    for name in target.tensor_names():
+        reference = dense_growth(op, name)
+        assert whole[name].shape == reference.shape == target.shape_of(name), name
+        assert max_diff(whole[name], reference) <= 1e-5, name
+        assert torch.equal(grown[name], whole[name].detach()), name  # the writer's tensors are the forward's
+        assert grown.meta(name)[0] == target.shape_of(name)
+    vocab_tables = [n for n, t in factored.items() if isinstance(t, Factored)]
+    if target.input == "tokens":
+        assert "embed.tokens" in vocab_tables
+        assert max_diff(factored["embed.tokens"].dense(), whole["embed.tokens"]) <= 1e-5
+
+
+@pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
+def test_factored_forward_equals_the_materialised_one(family, spec):
+    target = target_of(spec)
+    op = LigoOperator(spec, target, init_weights(spec, seed=3))
+    inputs = data_mod.model_inputs(batch_for(target))
+    with torch.no_grad():
+        ours = GrowingModel(op)(**inputs)
+        plain = forward(target, op(), **inputs)
+    for key in plain:
+        assert max_diff(ours[key], plain[key]) <= 1e-5, key
+
+
+@pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
+def test_sdpa_and_explicit_attention_agree(family, spec):
+    weights = init_weights(spec, seed=4, std=0.2)  # large weights: peaked attention, so a wrong mask shows
+    for variant in ("padded", "unpadded"):
+        inputs = data_mod.model_inputs(batch_for(spec))
+        if variant == "unpadded":
+            inputs.pop("attention_mask", None)
+        with torch.no_grad():
+            fused = forward(spec, weights, **inputs, attention="sdpa")
+            explicit = forward(spec, weights, **inputs, attention="explicit")
+        for key in explicit:
+            assert max_diff(fused[key], explicit[key]) <= 1e-5, (variant, key)
+
+
+def test_sdpa_handles_left_padding_of_causal_models_like_the_explicit_form():
+    """Left padding leaves a causal model's first rows with every key masked: both forms must give the same numbers
+    there (the additive bias, not a boolean mask that would give NaN)."""
+    spec = small_spec("llama", heads=4, head_dim=4, kv_heads=2)
+    weights = init_weights(spec, seed=5, std=0.2)
+    ids = torch.randint(30, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        fused = forward(spec, weights, input_ids=ids, attention_mask=mask, attention="sdpa")
+        explicit = forward(spec, weights, input_ids=ids, attention_mask=mask, attention="explicit")
+    assert torch.isfinite(fused["logits"]).all()
+    assert max_diff(fused["logits"], explicit["logits"]) <= 1e-5
+
+
+def test_auto_streams_large_targets_only():
+    small = micro_spec("hf-gpt2")
+    assert choose_stream(small, "auto") is False
+    assert choose_stream(small.replace(layers=24, width=1024, heads=16, mlp=4096, vocab_size=50257), "auto") is True
+    assert choose_stream(small, "layers") is True and choose_stream(small.replace(layers=48), "full") is False
+
+
+@pytest.fixture(scope="module")
+def gpt2_source(tmp_path_factory):
+    spec = small_spec("hf-gpt2")
+    folder = tmp_path_factory.mktemp("src") / "gpt2"
+    save(from_tensors(spec, init_weights(spec, seed=6), family="hf-gpt2"), folder)
+    return folder
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared"])
+def test_streamed_grow_writes_the_same_files_as_the_full_path(tmp_path, gpt2_source, shared):
+    outs = {}
+    for mode in ("full", "layers"):
+        result = grow(gpt2_source, layers=3, width=32, steps=4, batch_size=4, seq_len=16, eval_batches=1,
+                      materialize=mode, shared_width=shared, out=tmp_path / mode, device="cpu")
+        assert result.report["materialize"] == mode
+        outs[mode] = result
+    assert_same_files(tmp_path / "full", tmp_path / "layers")
+    assert outs["full"].report["loss_final"] == outs["layers"].report["loss_final"]
+
+
+def test_writing_reads_one_tensor_at_a_time(tmp_path, gpt2_source, monkeypatch):
+    """The writer asks the operator for each tensor as it writes it; the whole grown model is never made."""
+    calls = []
+    original = LigoOperator.forward
+
+    def whole(self):
+        calls.append("whole")
+        return original(self)
+
+    monkeypatch.setattr(LigoOperator, "forward", whole)
+    grow(gpt2_source, layers=3, width=32, steps=2, batch_size=4, seq_len=16, eval_batches=1, materialize="layers",
+         out=tmp_path / "out", device="cpu")
+    assert calls == []
