@@ -61,13 +61,14 @@ OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lr": ("float", _BOTH), "batch_size": ("int", _BOTH), "seq_len": ("int", _BOTH), "seed": ("int", _BOTH),
     "device": ("str", _BOTH), "depth_init": ("str", _GROW), "width_init": ("str", _GROW), "noise": ("float", _GROW),
     "shared_width": ("bool", _GROW), "learn": ("str", _GROW), "dtype": ("str", _BOTH), "onnx": ("bool", _BOTH),
-    "nproc": ("int", _GROW),
+    "nproc": ("int", _GROW), "materialize": ("str", _GROW), "parallel": ("str", _GROW), "workers": ("int", _GROW),
+    "text_column": ("str", _GROW),
 }
 JOB_KEYS = ("name", "kind", "source", "out")
 TOP_KEYS = ("root", "defaults", "job")
 SIZES = ("layers", "width", "heads", "kv_heads", "mlp")
 # Options that say where or how fast a job runs, not what it makes: changing them does not redo a finished job.
-NOT_HASHED = ("device", "nproc")
+NOT_HASHED = ("device", "nproc", "materialize", "parallel", "workers")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -207,11 +208,13 @@ def _check_value(key: str, value, where: str):
 def _choices() -> dict[str, tuple]:
     from .descriptors import load_descriptors
     from .growth.init import DEPTH_INITS, WIDTH_INITS
+    from .growth.fit import PARALLEL, STREAM_CHOICES
     from .growth.operator import LEARN
     from .objectives import OBJECTIVES
 
     return {"method": methods(), "objective": OBJECTIVES, "depth_init": DEPTH_INITS, "width_init": WIDTH_INITS,
-            "learn": LEARN, "dtype": DTYPES, "family": tuple(sorted(load_descriptors()))}
+            "learn": LEARN, "dtype": DTYPES, "family": tuple(sorted(load_descriptors())),
+            "materialize": STREAM_CHOICES, "parallel": PARALLEL}
 
 
 def methods() -> tuple[str, ...]:
@@ -830,7 +833,9 @@ def _grow(job: Job, source: str, staged: Path, say, progress: bool) -> None:
                   objective=o["objective"], steps=o["steps"], lr=o["lr"], batch_size=o["batch_size"],
                   seq_len=o["seq_len"], seed=o["seed"], device=o["device"], depth_init=o["depth_init"],
                   width_init=o["width_init"], noise=o["noise"], shared_width=o["shared_width"], learn=o["learn"],
-                  dtype=_torch_dtype(o["dtype"]), log=lambda msg: _relay(msg, say), progress=progress, **method)
+                  dtype=_torch_dtype(o["dtype"]), log=lambda msg: _relay(msg, say), progress=progress,
+                  materialize=o["materialize"], parallel=o["parallel"], workers=o["workers"],
+                  text_column=o["text_column"], **method)
     del result  # the grown weights and the operator: the next model must not share memory with them
 
 
@@ -852,7 +857,8 @@ def _grow_torchrun(job: Job, source: str, staged: Path, say) -> None:
              "objective": o["objective"], "steps": o["steps"], "lr": o["lr"], "batch-size": o["batch_size"],
              "seq-len": o["seq_len"], "seed": o["seed"], "device": o["device"], "depth-init": o["depth_init"],
              "width-init": o["width_init"], "noise": o["noise"], "learn": o["learn"], "dtype": o["dtype"],
-             "out": str(staged)}
+             "materialize": o["materialize"], "parallel": o["parallel"], "workers": o["workers"],
+             "text-column": o["text_column"], "out": str(staged)}
     for flag, value in flags.items():
         if value is not None:
             cmd += [f"--{flag}", repr(value) if isinstance(value, float) else str(value)]

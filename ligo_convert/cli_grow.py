@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import LigoError
-from .growth.fit import DEFAULT_LR, DEFAULT_STEPS
+from .growth.fit import DEFAULT_LR, DEFAULT_STEPS, PARALLEL, STREAM_ABOVE_BYTES, STREAM_CHOICES
 from .growth.init import DEFAULT_NOISE, DEPTH_INITS, WIDTH_INITS
 from .growth.baselines import LIGO_INIT_NOTES, METHOD_NOTES, METHODS
 from .growth.operator import LEARN
@@ -26,6 +26,8 @@ Examples (offline; the last needs vit-small in the Hugging Face cache):
   ligo-convert grow micro-vit --layers 4 --width 128 --operator op.safetensors --out grown-b --onnx
   ligo-convert grow micro-vit --layers 4 --width 128 --method lemon --out lemon-vit
   torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32 --out grown-ddp
+  torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --parallel fsdp --out grown-fsdp
+  ligo-convert grow micro-vit --layers 8 --width 128 --materialize layers --out grown-deep
   ligo-convert grow vit-small vit-base --data images/ --out vit-base-ligo
 """
 # Methods: what each does and how it grows the axis it does not define (also written to growth.json).
@@ -70,10 +72,21 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
               help="Start the LiGO operator from this method's expansion (instead of --depth-init/--width-init).")
 @click.option("--onnx", "onnx_export", is_flag=True,
               help="Also export OUT/model.onnx and validate it with onnxruntime (exit 1 if it drifts).")
+@click.option("--materialize", type=click.Choice(STREAM_CHOICES), default="auto", show_default=True,
+              help="layers: make the target a layer at a time under activation checkpointing (memory flat in depth); "
+                   "full: keep every layer for the backward (faster for small models); auto: layers for targets of "
+                   f"{STREAM_ABOVE_BYTES // 2**20} MB or more.  Same result either way.")
+@click.option("--parallel", type=click.Choice(PARALLEL), default="ddp", show_default=True,
+              help="Under torchrun: ddp replicates the operator; fsdp shards the operator and the frozen source.")
+@click.option("--workers", type=int, help="Data loader worker processes for image folders [default: the cores "
+              "this process may use, at most 8; 0: decode in this process].")
+@click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder [default: 'text' or the "
+              "only string column].")
 @click.option("--json", "as_json", is_flag=True, help="Print growth.json (with the ONNX report under 'onnx').")
 def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, objective, steps, lr, batch_size,
                  seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
-                 dtype, overwrite, method, init_method, onnx_export, as_json):
+                 dtype, overwrite, method, init_method, materialize, parallel, workers, text_column, onnx_export,
+                 as_json):
     """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.
 
     DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers, --width, --heads
@@ -91,7 +104,8 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
                   shared_width=shared_width, learn=learn, operator=operator, save_operator=save_operator,
                   dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite,
                   log=lambda msg: click.echo(msg, err=as_json) if world()[0] == 0 else None, progress=True,
-                  method=method, init=init_method)
+                  method=method, init=init_method, materialize=materialize, parallel=parallel, workers=workers,
+                  text_column=text_column)
     if result.out is None:  # ranks other than 0 write nothing
         return
     onnx_report = None

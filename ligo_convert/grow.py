@@ -38,6 +38,7 @@ from .growth import init as inits
 from .growth.fit import (DEFAULT_LR, DEFAULT_STEPS, PARALLEL, GrowingModel, Teacher, choose_stream, distributed,
                           evaluate_loss, fit, resolve_device, world)
 from .growth.operator import LigoOperator, check_growable
+from .memory import release_freed_memory
 from .objectives import choose_objective
 from .spec import Spec
 
@@ -194,10 +195,13 @@ class GrowOptions:
         if self.log is not None:
             self.log(msg)
 
-    def data_options(self) -> dict:
-        """The keyword arguments ``data.batches`` takes from these options."""
-        values = {"workers": self.workers, "text_column": self.text_column}
-        return {k: v for k, v in values.items() if v is not None}
+    def data_options(self, dev: torch.device) -> dict:
+        """The keyword arguments ``data.batches`` takes from these options: under torchrun each rank gets its share
+        of the cores for its loader workers."""
+        workers = self.workers
+        if workers is None and world()[1] > 1:
+            workers = max(1, data_mod.default_workers() // world()[1])
+        return {"workers": workers, "text_column": self.text_column, "pin_memory": dev.type == "cuda"}
 
 
 @dataclass
@@ -264,6 +268,8 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
     """
     options = GrowOptions(**{k: v for k, v in locals().items() if k not in ("source", "target")})
     plan = plan_growth(source, target, options)
+    if plan.stream:
+        release_freed_memory()  # layer-sized buffers go back to the system when freed (see ligo_convert.memory)
     dev = resolve_device(options.device)
     with distributed(dev):
         growth = initialise(plan, dev)
@@ -357,10 +363,10 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
     obj, why = choose_objective(plan.src.spec, o.objective)
     tok_dir = plan.src.source
     val = list(itertools.islice(data_mod.batches(spec_t, o.data, tok_dir, "val", o.batch_size, o.seq_len, o.seed,
-                                                 **o.data_options()), o.eval_batches))
+                                                 **o.data_options(dev)), o.eval_batches))
     teacher_weights = op.source_weights() if op is not None else plan.src.materialize(torch.float32)
     teacher = Teacher(plan.src.spec, teacher_weights, dev) if obj == "distill" else None
-    info = {"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, o.data)}
+    info = {"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, o.data, o.text_column)}
     if op is None:  # a baseline: the same held-out loss LiGO reports at init, for comparison
         growth.report.update({**info, "loss_init": evaluate_loss(spec_t, growth.tensors, val, obj, teacher, dev)})
         o.say(f"{o.method}: validation {obj} loss of the grown model {growth.report['loss_init']:.4f}")
@@ -370,13 +376,16 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
         o.say(f"with --learn {o.learn} this growth has nothing to fit (that part does not grow); the initial "
               f"operator is written")
     stream = data_mod.batches(spec_t, o.data, tok_dir, "train", o.batch_size, o.seq_len, o.seed,
-                              **o.data_options())
+                              **o.data_options(dev))
     first = next(stream)  # bad or empty data fails here, before any fitting
     stream = itertools.chain([first], stream)
     loss_init = evaluate_loss(spec_t, GrowingModel(op), val, obj, teacher, dev)
     with _progress(o.steps, o.progress and world()[0] == 0) as on_step:
         result = fit(op, spec_t, stream, obj, o.steps, o.lr, teacher, dev, on_step, stream=plan.stream,
                      parallel=o.parallel)
+    if result.state is not None:  # FSDP left the operator sharded: continue with a whole one holding its values
+        op = growth.operator = _rebuilt(plan, result.state, dev)
+        teacher = Teacher(plan.src.spec, op.source_weights(), dev) if obj == "distill" else None
     loss_final = evaluate_loss(spec_t, GrowingModel(op), val, obj, teacher, dev)
     o.say(f"validation {obj} loss: {loss_init:.4f} at init -> {loss_final:.4f} after {o.steps} steps "
           f"({result.wall_s:.1f} s)")
@@ -388,6 +397,26 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
                           "fit_wall_s": round(result.wall_s, 3), "world_size": world()[1],
                           "parallel": o.parallel if world()[1] > 1 else None})
     return _save_operator(plan, growth)
+
+
+def _rebuilt(plan: GrowPlan, state: dict, dev: torch.device) -> LigoOperator:
+    """A whole operator (source re-read) holding the fitted values gathered from a sharded one."""
+    o = plan.options
+    op = LigoOperator(plan.src.spec, plan.spec, plan.src.tensors, shared_width=o.shared_width, learn=o.learn)
+    op.initialize(o.depth_init, o.width_init, o.noise, o.seed)  # the parts that do not learn
+    if o.init:
+        baselines.ligo_init(op, o.init, o.seed)
+    missing = set(n for n, p in op.named_parameters() if p.requires_grad) - set(state)
+    if missing:
+        raise AssertionError(f"the gathered operator lacks {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, p in op.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+    op.to(dev)
+    if dev.type == "cuda":
+        op.cast_source(torch.bfloat16)
+    return op
 
 
 def _save_operator(plan: GrowPlan, growth: Growth) -> None:

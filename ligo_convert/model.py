@@ -226,13 +226,15 @@ def block(spec: Spec, w: Mapping[str, Tensor], i: int, x: Tensor, bias, rope, im
 def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
             attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None, *,
             layer_weights: Callable[[int], Mapping[str, Tensor]] | None = None, checkpoint: bool = False,
-            attention: str = "sdpa") -> dict[str, Tensor]:
+            attention: str = "sdpa", lazy_logits: bool = False) -> dict[str, Tensor]:
     """Run the model.  Returns ``hidden`` (last hidden state, after the final norm), and where the spec has them
     ``pooled``, ``logits`` (classifier, MLM or LM) and ``pair_logits``.
 
     ``layer_weights(i)`` gives block i's weights when it runs (default: they are in ``w``); with ``checkpoint`` each
     block runs under non-reentrant activation checkpointing, so its weights and activations are made again in the
-    backward instead of being kept.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the module docstring)."""
+    backward instead of being kept.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the module docstring).
+    ``lazy_logits``: an LM/MLM head returns ``decode`` (hidden rows -> vocabulary logits) instead of ``logits``, so
+    a loss can decode only the predicted places, a chunk at a time (``objectives.task_terms``)."""
     if attention not in ATTENTION:
         raise ValueError(f"unknown attention {attention!r} (known: {', '.join(ATTENTION)})")
     x = embed(spec, w, input_ids, pixel_values, token_type_ids)
@@ -259,18 +261,29 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
         if spec.dist_head:  # DeiT with teacher: the prediction is the mean of the cls and distillation heads
             logits = (logits + linear(w, "head_dist", x[:, 1])) / 2
         out["logits"] = logits
-    elif spec.head == "mlm":
-        h = x
-        if spec.mlm_transform:
-            h = norm(spec, w, "mlm.norm", activation(spec.activation, linear(w, "mlm.dense", h)))
-        decoder = w["embed.tokens"] if spec.tie_embeddings else w["lm_head.weight"]
-        out["logits"] = project(h, decoder, w["mlm.bias"])
-    elif spec.head == "lm":
-        decoder = w["embed.tokens"] if spec.tie_embeddings else w["lm_head.weight"]
-        out["logits"] = project(x, decoder)
+    elif spec.head in ("mlm", "lm"):
+        decode = decoder(spec, w)
+        if lazy_logits:
+            out["decode"] = decode
+        else:
+            out["logits"] = decode(x)
     if spec.pair_head:
         out["pair_logits"] = linear(w, "pair_head", out["pooled"])
     return out
+
+
+def decoder(spec: Spec, w: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    """The LM/MLM head as a function of hidden states (any leading shape) to vocabulary logits."""
+    table = w["embed.tokens"] if spec.tie_embeddings else w["lm_head.weight"]
+
+    def decode(h: Tensor) -> Tensor:
+        if spec.head == "mlm":
+            if spec.mlm_transform:
+                h = norm(spec, w, "mlm.norm", activation(spec.activation, linear(w, "mlm.dense", h)))
+            return project(h, table, w["mlm.bias"])
+        return project(h, table)
+
+    return decode
 
 
 def init_weights(spec: Spec, seed: int = 0, std: float = 0.02, dtype=torch.float32) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .data import IGNORE_INDEX
@@ -51,13 +52,43 @@ def _lm_pairs(spec: Spec, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
     return logits[keep], labels[keep]
 
 
+# Rows of vocabulary logits decoded at once by the chunked loss: about 32 MB of fp32 logits per chunk.
+DECODE_CHUNK_ELEMENTS = 1 << 23
+
+
+def logits_of(outputs: dict) -> Tensor:
+    """The logits of a forward's outputs, decoding them whole where the forward left them lazy (``decode``)."""
+    return outputs["logits"] if "logits" in outputs else outputs["decode"](outputs["hidden"])
+
+
+def _chunked_lm_terms(spec: Spec, outputs: dict, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy at the predicted places only, decoding their hidden states a chunk of rows at a time under
+    activation checkpointing: the (tokens x vocab) logits never exist at once, in the forward or the backward."""
+    hidden, decode = outputs["hidden"], outputs["decode"]
+    rows, targets = _lm_pairs(spec, hidden, labels)
+    chunk = max(1, DECODE_CHUNK_ELEMENTS // max(spec.vocab_size, 1))
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(decode(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(rows.split(chunk), targets.split(chunk)):
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False)
+        else:
+            total = total + piece(h, t)
+    return total, torch.tensor(float(len(targets)))
+
+
 def task_terms(spec: Spec, outputs: dict, batch: dict) -> tuple[Tensor, Tensor]:
     """(summed cross-entropy, number of predictions) for the spec's head."""
     if spec.head == "none":
         raise LigoError("this model has no output head, so it has no task loss; use the distill objective")
     if "labels" not in batch:
         raise LigoError(f"the data gives no labels for this model's {spec.head} head")
-    logits, labels = outputs["logits"].float(), batch["labels"]
+    if "decode" in outputs and spec.head in ("mlm", "lm"):
+        return _chunked_lm_terms(spec, outputs, batch["labels"])
+    logits, labels = logits_of(outputs).float(), batch["labels"]
     if spec.head == "classifier":
         if int(labels.max()) >= spec.num_classes:
             raise LigoError(f"the data has class {int(labels.max())} but the model's head has only "
@@ -82,9 +113,9 @@ def distill_terms(spec: Spec, outputs: dict, teacher: dict, batch: dict) -> tupl
     """(summed distillation loss, count): KL(teacher || student) per example (classifier) or per real token (LM
     heads); for models without logits, the squared difference of token-to-token cosine similarities per sequence."""
     mask = batch.get("attention_mask")
-    if "logits" in outputs:
-        s = F.log_softmax(outputs["logits"].float(), dim=-1)
-        t = F.log_softmax(teacher["logits"].float(), dim=-1)
+    if "logits" in outputs or "decode" in outputs:
+        s = F.log_softmax(logits_of(outputs).float(), dim=-1)
+        t = F.log_softmax(logits_of(teacher).float(), dim=-1)
         kl = (t.exp() * (t - s)).sum(-1)  # (B,) or (B, T)
         if kl.dim() == 2 and mask is not None:
             kl = kl * mask
@@ -129,7 +160,7 @@ def evaluate_metrics(spec: Spec, outputs: dict, batch: dict, totals: dict | None
             totals = evaluate_metrics(spec, forward(spec, w, **data.model_inputs(batch)), batch, totals)
     """
     total, count = task_terms(spec, outputs, batch)
-    logits, labels = outputs["logits"].float(), batch["labels"]
+    logits, labels = logits_of(outputs).float(), batch["labels"]
     if spec.head == "classifier":
         correct = (logits.argmax(-1) == labels).sum()
     else:

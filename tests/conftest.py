@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once by huggingface_hub at import: set it first
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "LIGO_CACHE" not in os.environ:  # token caches of read-only corpora (the standard library) stay out of ~/.cache
+    import tempfile
+
+    os.environ["LIGO_CACHE"] = tempfile.mkdtemp(prefix="ligo-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -62,15 +62,17 @@ def test_minilm_grows_to_12x768_with_distillation(tmp_path):
     assert max_diff(theirs, ours) <= 1e-5
 
 
-def test_torchrun_two_processes_fit_the_same_operator_as_one(tmp_path):
+@pytest.mark.parametrize("parallel,materialize", [("ddp", "full"), ("fsdp", "layers")])
+def test_torchrun_two_processes_fit_the_same_operator_as_one(tmp_path, parallel, materialize):
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                  image_size=16, patch_size=4, num_labels=10)
     transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "src")
     args = ["grow", str(tmp_path / "src"), "--layers", "3", "--width", "48", "--mlp", "96", "--steps", "4",
-            "--batch-size", "8", "--device", "cpu", "--seed", "3"]
+            "--batch-size", "8", "--device", "cpu", "--seed", "3", "--materialize", materialize]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "ligo_convert", *args, "--out", str(tmp_path / "two"), "--save-operator", str(tmp_path / "two.st")]
+           "ligo_convert", *args, "--parallel", parallel, "--out", str(tmp_path / "two"), "--save-operator",
+           str(tmp_path / "two.st")]
     done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     one = grow(tmp_path / "src", layers=3, width=48, mlp=96, steps=4, batch_size=8, device="cpu", seed=3,
@@ -84,6 +86,7 @@ def test_torchrun_two_processes_fit_the_same_operator_as_one(tmp_path):
     assert change > 1e-4  # fitting moved it, so agreement below is not trivial
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     two = json.loads((tmp_path / "two" / "growth.json").read_text())
+    assert two["parallel"] == parallel and two["materialize"] == materialize
     assert two["world_size"] == 2 and json.loads((tmp_path / "one" / "growth.json").read_text())["world_size"] == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # rank 1 wrote nothing
     assert load(tmp_path / "two").spec.layers == 3

@@ -69,7 +69,7 @@ class GrowingModel(torch.nn.Module):
     def forward(self, **inputs) -> dict:
         op = self.operator
         return forward(op.target, op.global_weights(factored=True), **inputs, layer_weights=op.layer_weights,
-                       checkpoint=self.stream, attention=self.attention)
+                       checkpoint=self.stream, attention=self.attention, lazy_logits=True)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -170,6 +170,7 @@ class FitResult:
     lr: float
     losses: list[float] = field(default_factory=list)  # training loss per step (global batch)
     wall_s: float = 0.0
+    state: dict | None = None  # FSDP: the fitted operator's trainable tensors, gathered (the operator stays sharded)
 
 
 def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], objective: str, steps: int = DEFAULT_STEPS,
@@ -187,9 +188,8 @@ def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], object
     if lr <= 0 or not math.isfinite(lr):
         raise LigoError(f"the learning rate must be a positive number, not {lr}")
     rank, size = world()
-    model = GrowingModel(operator, stream)
-    if size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    model = parallelize(GrowingModel(operator, stream), parallel, device)
+    params = [p for p in operator.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
     groups = operator.param_groups(lr) if relative_lr else [{"params": params, "lr": lr}]
     opt = torch.optim.AdamW(groups, lr=lr, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
     start = time.perf_counter()
@@ -203,7 +203,7 @@ def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], object
         if not math.isfinite(global_loss):
             raise LigoError(f"the fitting loss became {global_loss} at step {step + 1}; nothing was written — lower "
                             f"--lr (now {lr:g})")
-        loss = total.float() / count.clamp(min=1) * size  # DDP averages gradients over ranks
+        loss = total.float() / count.clamp(min=1) * size  # DDP and FSDP average gradients over ranks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -211,6 +211,51 @@ def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], object
         result.losses.append(global_loss)
         if on_step:
             on_step(step, global_loss)
-    del opt  # its state is as large as the operator: free it before validation and writing
+    del opt  # its state and the gradients are as large as the operator: free them before validation and writing
+    operator.zero_grad(set_to_none=True)
+    if is_sharded(operator):
+        result.state = gathered_state(operator)
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def parallelize(model: GrowingModel, parallel: str, device: torch.device) -> torch.nn.Module:
+    """Wrap the growing model for data parallelism across the torchrun processes (nothing for one process).
+
+    ``ddp``: every rank holds the whole operator and source; gradients are averaged.  ``fsdp``: FSDP2
+    (``fully_shard``) shards each target layer's operator part (``layer_ops[i]``: its width matrices and depth rows)
+    and, at the root, the global matrices and the frozen source; a layer's part is gathered only while that layer is
+    made (again in the backward, under checkpointing), so a rank holds 1/N of the operator, its gradients and AdamW
+    state plus one layer's part at a time.  The operator stays sharded after fitting: ``FitResult.state`` holds its
+    gathered trainable tensors (see :func:`gathered_state`)."""
+    size = world()[1]
+    if size <= 1:
+        return model
+    if parallel not in PARALLEL:
+        raise LigoError(f"unknown --parallel {parallel!r}; choose one of {', '.join(PARALLEL)}")
+    if parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (size,))
+    for layer_op in model.operator.layer_ops:
+        if any(True for _ in layer_op.parameters()):
+            fully_shard(layer_op, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(operator: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in operator.parameters())
+
+
+def gathered_state(operator: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of an FSDP-sharded operator, gathered whole on every rank (a collective: every rank
+    calls it), by the names of the unsharded module; load them into a fresh operator."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in operator.named_parameters() if p.requires_grad}

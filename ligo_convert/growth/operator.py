@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections.abc
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -88,11 +88,12 @@ def expand(x: Tensor, mats: list[Tensor | None]) -> Tensor:
 
 class LayerOperator(torch.nn.Module):
     """What belongs to one target layer: its own q/k/v/o/mlp width matrices (unless the width is shared) and its
-    row of every depth-mixing matrix.  A module of its own, so FSDP can shard and gather the operator layer by layer;
-    calling it returns its tensors by key (``width__q``, ``depth__q__weight``)."""
+    row of every depth-mixing matrix.  A module of its own, so FSDP can shard and gather the operator layer by layer.
+    ``layer_op(make)`` calls ``make`` with its tensors by key (``width__q``, ``depth__q__weight``) and returns what
+    ``make`` returns: the layer's weights are made inside the call, while FSDP has the tensors gathered."""
 
-    def forward(self) -> dict[str, Tensor]:
-        return {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+    def forward(self, make: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> dict[str, Tensor]:
+        return make({**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))})
 
 
 def _register(module: torch.nn.Module, key: str, value: Tensor, trainable: bool) -> None:
@@ -276,8 +277,10 @@ class LigoOperator(torch.nn.Module):
 
     def layer_weights(self, layer: int) -> dict[str, Tensor]:
         """Target layer ``layer``'s tensors: each module's depth mix of the source layers, expanded in width."""
-        own = self.layer_ops[layer]()  # one call per layer: FSDP gathers this layer's operator here
-        return {f"layers.{layer}.{module}": self._layer_tensor(layer, module, own) for module in self.module_types}
+        def make(own):
+            return {f"layers.{layer}.{module}": self._layer_tensor(layer, module, own) for module in self.module_types}
+
+        return self.layer_ops[layer](make)  # one call per layer: FSDP gathers this layer's operator for it
 
     def _layer_tensor(self, layer: int, module: str, own: Mapping[str, Tensor]) -> Tensor:
         stack = self._source(module)  # (L1, ...)
@@ -292,7 +295,7 @@ class LigoOperator(torch.nn.Module):
         pattern, layer = pattern_of(name)
         if layer is None:
             return expand(self._source(name), [self._matrix(space_kind(t), None) for t in CANONICAL[name]])
-        return self._layer_tensor(layer, module_of(name), self.layer_ops[layer]())
+        return self.layer_ops[layer](lambda own: {name: self._layer_tensor(layer, module_of(name), own)})[name]
 
     def forward(self) -> dict[str, Tensor]:
         """Every canonical weight of the target (fp32, on the operator's device)."""
