@@ -635,66 +635,88 @@ def run_batch(manifest: Manifest, jobs: list[Job], *, dry_run: bool = False, rep
         result = JobResult(job.name, job.kind, "run", str(job.out), job.source)
         results[job.name] = result
         report.jobs.append(result)
-        t0 = time.perf_counter()
+        tag = f"[{i}/{len(jobs)}] {job.name}"
         up = results.get(job.upstream) if job.upstream else None
         if up is not None and up.status in ("failed", "blocked", "interrupted"):
             result.status, result.error = "blocked", f"its source job {job.upstream!r} {up.status}"
-            say(f"[{i}/{len(jobs)}] {job.name}: blocked ({result.error})")
-            save_report()
-            continue
-        try:
-            if not dry_run:
-                for stale in _stale_partials(job.out):  # left by a killed run; this job is ours alone
-                    shutil.rmtree(stale, ignore_errors=True)
-            if dry_run and up is not None and up.status == "run":
-                result.note = f"after {job.upstream}"
-                say(f"[{i}/{len(jobs)}] {job.name}: would run after {job.upstream}: {job.summary()}")
-                continue
-            source = _source_for(job, manifest)
-            record = _record(job)
-            spec = key = None
-            if record is not None or not dry_run:  # a dry run with no output to compare reads nothing
-                try:
-                    spec = {**job.spec(), "source_sha256": _source_hash(source, hashes, offline=dry_run)}
-                    key = result.key = job_key(spec)
-                except LigoError:
-                    if not dry_run:
-                        raise
-            if key is not None and record is not None and record.get("key") == key:
-                result.status, result.note = "up-to-date", "output holds the same job key"
-                _fill_from_record(result, record)
-                result.wall_s = round(time.perf_counter() - t0, 3)
-                say(f"[{i}/{len(jobs)}] {job.name}: up to date ({job.out})")
-                save_report()
-                continue
-            why = "no output yet" if record is None else "changed" if key else "source not downloaded yet"
-            if dry_run:
-                result.note = why
-                say(f"[{i}/{len(jobs)}] {job.name}: would run ({why}): {job.summary()}")
-                continue
-            say(f"[{i}/{len(jobs)}] {job.name}: {job.summary()} ({why})")
-            _run_job(job, source, spec, key, manifest, result, say, progress)
-            result.status = "done"
-            result.wall_s = round(time.perf_counter() - t0, 3)
-            say(f"[{i}/{len(jobs)}] {job.name}: done in {result.wall_s:.1f} s -> {job.out}")
-        except LigoError as e:
-            result.status, result.error = "failed", str(e)
-            result.wall_s = round(time.perf_counter() - t0, 3)
-            say(f"[{i}/{len(jobs)}] {job.name}: FAILED: {e}")
-        except KeyboardInterrupt:
-            result.status, result.error = "interrupted", "interrupted"
-            result.wall_s = round(time.perf_counter() - t0, 3)
-            save_report()
-            raise
-        except Exception as e:  # a bug: keep its traceback, go on with the other jobs
-            result.status, result.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
-            result.wall_s = round(time.perf_counter() - t0, 3)
-            say(f"[{i}/{len(jobs)}] {job.name}: FAILED with an internal error:\n{traceback.format_exc().rstrip()}")
-        finally:
-            _release_memory()
-        save_report()
+            say(f"{tag}: blocked ({result.error})")
+        else:
+            _attempt_job(job, up, manifest, result, hashes, dry_run=dry_run, say=say, tag=tag, progress=progress,
+                         save_report=save_report)
+        save_report()  # after every job, so a killed run still leaves a report
     save_report(finished=True)
     return report
+
+
+def _attempt_job(job: Job, up: JobResult | None, manifest: Manifest, result: JobResult, hashes: dict, *,
+                 dry_run: bool, say: Callable[[str], None], tag: str, progress: bool,
+                 save_report: Callable[[], None]) -> None:
+    """Run (or in a dry run, plan) one job, recording a failure in ``result``; only an interrupt escapes."""
+    t0 = time.perf_counter()
+    try:
+        _run_or_plan(job, up, manifest, result, hashes, dry_run=dry_run, say=say, tag=tag, progress=progress, t0=t0)
+    except LigoError as e:
+        result.status, result.error = "failed", str(e)
+        result.wall_s = round(time.perf_counter() - t0, 3)
+        say(f"{tag}: FAILED: {e}")
+    except KeyboardInterrupt:
+        result.status, result.error = "interrupted", "interrupted"
+        result.wall_s = round(time.perf_counter() - t0, 3)
+        save_report()
+        raise
+    except Exception as e:  # a bug: keep its traceback, go on with the other jobs
+        result.status, result.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        result.wall_s = round(time.perf_counter() - t0, 3)
+        say(f"{tag}: FAILED with an internal error:\n{traceback.format_exc().rstrip()}")
+    finally:
+        _release_memory()
+
+
+def _run_or_plan(job: Job, up: JobResult | None, manifest: Manifest, result: JobResult, hashes: dict, *,
+                 dry_run: bool, say: Callable[[str], None], tag: str, progress: bool, t0: float) -> None:
+    """Skip the job if its output is up to date, else run it (a dry run only says why it would run)."""
+    if not dry_run:
+        for stale in _stale_partials(job.out):  # left by a killed run; this job is ours alone
+            shutil.rmtree(stale, ignore_errors=True)
+    if dry_run and up is not None and up.status == "run":
+        result.note = f"after {job.upstream}"
+        say(f"{tag}: would run after {job.upstream}: {job.summary()}")
+        return
+    source = _source_for(job, manifest)
+    record = _record(job)
+    spec, key = _spec_and_key(job, source, record, hashes, dry_run)
+    result.key = key
+    if key is not None and record is not None and record.get("key") == key:
+        result.status, result.note = "up-to-date", "output holds the same job key"
+        _fill_from_record(result, record)
+        result.wall_s = round(time.perf_counter() - t0, 3)
+        say(f"{tag}: up to date ({job.out})")
+        return
+    why = "no output yet" if record is None else "changed" if key else "source not downloaded yet"
+    if dry_run:
+        result.note = why
+        say(f"{tag}: would run ({why}): {job.summary()}")
+        return
+    say(f"{tag}: {job.summary()} ({why})")
+    _run_job(job, source, spec, key, manifest, result, say, progress)
+    result.status = "done"
+    result.wall_s = round(time.perf_counter() - t0, 3)
+    say(f"{tag}: done in {result.wall_s:.1f} s -> {job.out}")
+
+
+def _spec_and_key(job: Job, source: str | None, record: dict | None, hashes: dict,
+                  dry_run: bool) -> tuple[dict | None, str | None]:
+    """The resolved job (with its source's content hash) and its key.  A dry run with no output to compare reads
+    nothing, and one whose source is not downloaded yet gets no key (it would run) instead of failing."""
+    spec = key = None
+    if record is not None or not dry_run:
+        try:
+            spec = {**job.spec(), "source_sha256": _source_hash(source, hashes, offline=dry_run)}
+            key = job_key(spec)
+        except LigoError:
+            if not dry_run:
+                raise
+    return spec, key
 
 
 def _source_for(job: Job, manifest: Manifest) -> str | None:

@@ -82,8 +82,12 @@ Examples:
 @click.option("--seq-len", default=64, show_default=True, type=int, help="Tokens per text sequence.")
 @click.option("--max-batches", default=50, show_default=True, type=int, help="Stop after N batches (0: all).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data order and MLM masking.")
+@click.option("--workers", type=int, help="Data loader worker processes for image folders [default: the cores "
+              "this process may use, at most 8; 0: decode in this process].")
+@click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder [default: 'text' or the "
+              "only string column].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, seed, as_json):
+def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, seed, workers, text_column, as_json):
     """Accuracy and loss of a classifier, loss and perplexity of a masked or causal LM.
 
     Both engines read the same batches and score them the same way, so their numbers agree to the export
@@ -96,7 +100,7 @@ def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, s
 
         raise LigoError(f"unknown split {split!r}; choose train or val")
     result = evaluate(model, data=data, engine=engine, split=split, batch_size=batch_size, seq_len=seq_len,
-                      max_batches=max_batches, seed=seed)
+                      max_batches=max_batches, seed=seed, workers=workers, text_column=text_column)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -147,9 +147,13 @@ Examples:
 @click.option("--seq-len", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True)
+@click.option("--workers", type=int, help="Data loader worker processes for image folders [default: the cores "
+              "this process may use, at most 8; 0: decode in this process].")
+@click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder [default: 'text' or the "
+              "only string column].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def pretrain_command(out, family, layers, width, heads, mlp, data, steps, lr, batch_size, seq_len, seed, device,
-                     overwrite):
+                     workers, text_column, overwrite):
     """Train a small model from scratch on the embedded data and write it to OUT, so `grow` has a source offline.
 
     Image families get a classifier over scikit-learn's 8x8 digits; text families a language model over the Python
@@ -168,7 +172,8 @@ def pretrain_command(out, family, layers, width, heads, mlp, data, steps, lr, ba
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        weights, losses = pretrain(spec, data, None, steps, lr, batch_size, seq_len, seed, device, on_step)
+        weights, losses = pretrain(spec, data, None, steps, lr, batch_size, seq_len, seed, device, on_step,
+                                   workers=workers, text_column=text_column)
     info = {"family": family, "spec": spec.to_dict(), "steps": steps, "lr": lr, "batch_size": batch_size,
             "seed": seed, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     path = save(from_tensors(spec, weights, family=family), out, overwrite=overwrite,

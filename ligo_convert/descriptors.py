@@ -422,47 +422,66 @@ class Descriptor:
 
         ``where`` maps canonical names to the file key they came from, for error messages.
         """
+        self._check_config_require(config)
+        from_config = self._read_config_fields(config)
+        values: dict = {**self.spec_constants, **from_config}
+        values.update(_measured_sizes(shapes, where, from_config))
+        values.update(self._structure_from_tensors(set(shapes), config))
+        self._resolve_defaults(values)
+        _resolve_heads(values, where_q=where.get("layers.0.q.weight", "the q weights"))
+        _positions_to_sizes(values, from_config, where)
+        values.pop("q_width", None)  # measured only to check heads x head_dim
+        values.pop("kv_width", None)
+        try:
+            spec = Spec.from_dict(values)
+            spec.check()
+        except (TypeError, ValueError) as e:
+            raise LigoError(f"cannot describe this {self.name} checkpoint: {e}") from None
+        return spec
+
+    def _check_config_require(self, config: dict) -> None:
+        """Refuse config values the family's layout cannot represent (rather than silently dropping them)."""
         for key, allowed in self.config_require.items():
             value = _get_path(config, key)
             if value is not None and value not in allowed:
                 raise LigoError(f"config key {key}={value!r} is not supported for {self.name} "
                                 f"(supported: {', '.join(map(repr, allowed))}); use a checkpoint without it")
-        values: dict = dict(self.spec_constants)
+
+    def _read_config_fields(self, config: dict) -> dict:
+        """The spec fields the config states (missing keys are left out, for defaults to fill later)."""
         from_config = {}
         for name, cf in self.config_fields.items():
             value = cf.read(config)
             if value is not None:
                 from_config[name] = value
-        values.update(from_config)
+        return from_config
 
-        measured, source_of = _measure(shapes, where)
-        if "num_positions" in measured:
-            positions = measured.pop("num_positions")
-            measured["_positions"] = positions
-        for name, value in measured.items():
-            if name in from_config and from_config[name] != value:
-                raise LigoError(f"{source_of[name]} says {name}={value}, but the config says {from_config[name]}; "
-                                f"the config does not describe these weights")
-            values[name] = value
-
-        present = set(shapes)
-        values["input"] = "patches" if "embed.patch.weight" in present else "tokens"
-        values["cls_token"] = "embed.cls" in present
-        values["dist_token"] = "embed.dist" in present
-        values["embed_norm"] = "embed.norm.weight" in present
-        values["final_norm"] = "final_norm.weight" in present
-        values["pooler"] = "pooler.weight" in present
-        values["pair_head"] = "pair_head.weight" in present
-        values["dist_head"] = "head_dist.weight" in present
-        values["gated_mlp"] = "layers.0.gate.weight" in present
-        values["qkv_bias"] = "layers.0.q.bias" in present
-        values["o_bias"] = "layers.0.o.bias" in present
-        values["mlp_bias"] = "layers.0.fc1.bias" in present
-        values["mlm_transform"] = "mlm.dense.weight" in present
+    def _structure_from_tensors(self, present: set[str], config: dict) -> dict:
+        """The spec's switches (tokens, norms, biases, head...) from which canonical tensors exist."""
+        values = {
+            "input": "patches" if "embed.patch.weight" in present else "tokens",
+            "cls_token": "embed.cls" in present,
+            "dist_token": "embed.dist" in present,
+            "embed_norm": "embed.norm.weight" in present,
+            "final_norm": "final_norm.weight" in present,
+            "pooler": "pooler.weight" in present,
+            "pair_head": "pair_head.weight" in present,
+            "dist_head": "head_dist.weight" in present,
+            "gated_mlp": "layers.0.gate.weight" in present,
+            "qkv_bias": "layers.0.q.bias" in present,
+            "o_bias": "layers.0.o.bias" in present,
+            "mlp_bias": "layers.0.fc1.bias" in present,
+            "mlm_transform": "mlm.dense.weight" in present,
+        }
         if "embed.positions" in present:
             values["positions"] = "learned"
         if "embed.types" not in present:
             values["type_vocab_size"] = 0
+        values["head"] = self._head_kind(present, config)
+        values["tie_embeddings"] = values["head"] in ("mlm", "lm") and "lm_head.weight" not in present
+        return values
+
+    def _head_kind(self, present: set[str], config: dict) -> str:
         head = None
         if "head.weight" in present:
             head = "classifier"
@@ -476,10 +495,11 @@ class Descriptor:
                 for k, v in arch.match.items():
                     if k == "head" and head is None:
                         head = v
-        values["head"] = head or "none"
-        values["tie_embeddings"] = values["head"] in ("mlm", "lm") and "lm_head.weight" not in present
+        return head or "none"
 
-        # Defaults and derived values may refer to each other: resolve until nothing changes.
+    def _resolve_defaults(self, values: dict) -> None:
+        """Fill config defaults and derived values in place; they may refer to each other, so resolve until
+        nothing changes."""
         pending = {k: v for k, v in self.config_defaults.items() if values.get(k) is None}
         pending.update({k: v for k, v in self.derive.items()})
         while pending:
@@ -494,32 +514,6 @@ class Descriptor:
                 progressed = True
             if not progressed:
                 break  # the rest refer to values this model does not have
-
-        _resolve_heads(values, where_q=where.get("layers.0.q.weight", "the q weights"))
-        positions = values.pop("_positions", None)
-        if positions is not None:
-            if values["input"] == "patches":
-                patches = positions - int(values["cls_token"]) - int(values["dist_token"])
-                grid = math.isqrt(max(patches, 0))
-                if grid * grid != patches:  # e.g. a table without rows for the class token: positions shift
-                    raise LigoError(f"{where.get('embed.positions')} has {positions} positions, which is not a "
-                                    f"square grid of patches plus {positions - patches} class/distillation "
-                                    f"token(s); this position layout is not supported")
-                image_size = grid * values["patch_size"]
-                if from_config.get("image_size") not in (None, image_size):
-                    raise LigoError(f"{where.get('embed.positions')} has {positions} positions, which does not fit "
-                                    f"image_size={from_config['image_size']} with patch_size={values['patch_size']}")
-                values["image_size"] = image_size
-            else:
-                values["max_positions"] = positions
-        values.pop("q_width", None)
-        values.pop("kv_width", None)
-        try:
-            spec = Spec.from_dict(values)
-            spec.check()
-        except (TypeError, ValueError) as e:
-            raise LigoError(f"cannot describe this {self.name} checkpoint: {e}") from None
-        return spec
 
     # -- config writing -------------------------------------------------------------------------------------------
     def architecture_for(self, spec: Spec) -> Architecture | None:
@@ -603,6 +597,41 @@ def _measure(shapes: dict[str, tuple], where: dict[str, str]) -> tuple[dict, dic
         measured["layers"] = max(layers) + 1
         source_of["layers"] = "the layer tensors"
     return measured, source_of
+
+
+def _measured_sizes(shapes: dict[str, tuple], where: dict[str, str], from_config: dict) -> dict:
+    """The sizes the tensors show, which must agree with the config's; the position table's row count is kept as
+    ``_positions`` until we know whether it means patches or tokens."""
+    measured, source_of = _measure(shapes, where)
+    if "num_positions" in measured:
+        positions = measured.pop("num_positions")
+        measured["_positions"] = positions
+    for name, value in measured.items():
+        if name in from_config and from_config[name] != value:
+            raise LigoError(f"{source_of[name]} says {name}={value}, but the config says {from_config[name]}; "
+                            f"the config does not describe these weights")
+    return measured
+
+
+def _positions_to_sizes(values: dict, from_config: dict, where: dict[str, str]) -> None:
+    """Turn the measured position rows into image_size (a square patch grid plus class tokens) or max_positions."""
+    positions = values.pop("_positions", None)
+    if positions is None:
+        return
+    if values["input"] != "patches":
+        values["max_positions"] = positions
+        return
+    patches = positions - int(values["cls_token"]) - int(values["dist_token"])
+    grid = math.isqrt(max(patches, 0))
+    if grid * grid != patches:  # e.g. a table without rows for the class token: positions shift
+        raise LigoError(f"{where.get('embed.positions')} has {positions} positions, which is not a "
+                        f"square grid of patches plus {positions - patches} class/distillation "
+                        f"token(s); this position layout is not supported")
+    image_size = grid * values["patch_size"]
+    if from_config.get("image_size") not in (None, image_size):
+        raise LigoError(f"{where.get('embed.positions')} has {positions} positions, which does not fit "
+                        f"image_size={from_config['image_size']} with patch_size={values['patch_size']}")
+    values["image_size"] = image_size
 
 
 def _resolve_heads(values: dict, where_q: str) -> None:

@@ -62,12 +62,14 @@ class _OnnxRunner:
 
 
 def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_size: int = 16, seq_len: int = 64,
-             max_batches: int | None = DEFAULT_MAX_BATCHES, seed: int = 0, tokenizer_dir=None) -> dict:
+             max_batches: int | None = DEFAULT_MAX_BATCHES, seed: int = 0, tokenizer_dir=None, *,
+             workers: int | None = None, text_column: str | None = None) -> dict:
     """Metrics of ``model`` (a :class:`CanonicalModel`, a source :func:`load` takes, or with ``engine="onnx"`` an
     exported ``.onnx`` file) on ``data`` (None: the embedded digits or standard-library text).
 
     Returns ``loss``, ``accuracy`` (classes, masked tokens or next tokens), ``perplexity`` (LMs), ``count`` (examples
-    or predicted tokens) and what was read.  ``max_batches`` None or 0 reads the whole split.
+    or predicted tokens) and what was read.  ``max_batches`` None or 0 reads the whole split.  ``workers`` (image
+    folders' loader processes) and ``text_column`` (a table's text column) go to :func:`data.batches`.
     """
     if engine not in ENGINES:
         raise LigoError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -110,7 +112,8 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
         totals = None
         batches = 0
         for batch in data_mod.batches(spec, data, tokenizer_dir=tokenizer_dir, split=split, batch_size=batch_size,
-                                      seq_len=seq_len, seed=seed, repeat=False):
+                                      seq_len=seq_len, seed=seed, repeat=False, workers=workers,
+                                      text_column=text_column):  # the forward runs on the CPU: nothing to pin
             totals = evaluate_metrics(spec, run(batch), batch, totals)
             batches += 1
             if max_batches and batches >= max_batches:
@@ -120,7 +123,7 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
     out = {
         "engine": engine,
         "model": str(model.source if isinstance(model, CanonicalModel) else model),
-        "data": data_mod.describe(spec, data),
+        "data": data_mod.describe(spec, data, text_column),
         "split": split,
         "batches": batches,
         "count": totals["count"],

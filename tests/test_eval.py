@@ -145,3 +145,37 @@ def test_engines_agree_on_given_data(case, tmp_path):
     assert str(path) in runs[0]["data"]
     if expected is not None:
         assert runs[0]["count"] == expected
+
+
+def test_cli_text_column(tmp_path):
+    """--text-column picks a table's text column: the same documents under the default column score the same."""
+    lm = tmp_path / "lm"
+    transformers.GPT2LMHeadModel(GPT2).save_pretrained(lm)
+    docs = [f"document {r}: the quick brown fox jumps over the lazy dog\n" * (1 + r % 3) for r in range(40)]
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"title": f"t{r}", "body": d}) + "\n" for r, d in enumerate(docs)))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(main, ["eval", str(lm), "--json", "--max-batches", "0", "--workers", "0", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    got = run("--data", str(body), "--text-column", "body")
+    ref = run("--data", str(plain))
+    assert got["count"] > 0
+    assert [got[k] for k in ("batches", "count", "loss", "accuracy")] == \
+        [ref[k] for k in ("batches", "count", "loss", "accuracy")]
+    assert "column 'body'" in got["data"] and "column 'text'" in ref["data"]
+    one_line_error(runner.invoke(main, ["eval", str(lm), "--data", str(body), "--text-column", "nope"]),
+                   "no column 'nope'")
+    one_line_error(runner.invoke(main, ["eval", str(lm), "--workers", "-1"]), "must be 0 or more")
+    # pretrain reads the same column
+    result = runner.invoke(main, ["pretrain", str(tmp_path / "micro"), "--family", "hf-gpt2", "--data", str(body),
+                                  "--text-column", "body", "--steps", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    one_line_error(runner.invoke(main, ["pretrain", str(tmp_path / "micro2"), "--family", "hf-gpt2", "--data",
+                                        str(body), "--text-column", "nope", "--steps", "2", "--device", "cpu"]),
+                   "no column 'nope'")

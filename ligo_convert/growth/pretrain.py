@@ -79,9 +79,11 @@ def micro_spec(family: str, layers: int = 2, width: int = 64, heads: int = 4, ml
 
 def pretrain(spec: Spec, data=None, tokenizer_dir=None, steps: int = 300, lr: float = 2e-3, batch_size: int = 32,
              seq_len: int = 64, seed: int = 0, device: str = "auto",
-             on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+             on_step: Callable[[int, float], None] | None = None, *, workers: int | None = None,
+             text_column: str | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train a model of ``spec`` from random weights with its own task loss (AdamW, warmup then cosine decay).
-    Returns (weights on the CPU, training losses)."""
+    Returns (weights on the CPU, training losses).  ``workers`` (image folders' loader processes) and
+    ``text_column`` (a table's text column) go to :func:`data.batches`."""
     if spec.head == "none":
         raise LigoError("pretraining needs an output head (classifier, mlm or lm); this model has none")
     dev = resolve_device(device)
@@ -90,7 +92,8 @@ def pretrain(spec: Spec, data=None, tokenizer_dir=None, steps: int = 300, lr: fl
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup))))))
-    stream = data_mod.batches(spec, data, tokenizer_dir, "train", batch_size, seq_len, seed)
+    stream = data_mod.batches(spec, data, tokenizer_dir, "train", batch_size, seq_len, seed, workers=workers,
+                              text_column=text_column, pin_memory=dev.type == "cuda")
     losses = []
     for step in range(steps):
         batch = data_mod.to_device(next(stream), dev)
