@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ligo_convert import Spec, forward, init_weights  # noqa: E402
 from ligo_convert import data as data_mod  # noqa: E402
-from ligo_convert.growth.fit import autocast, evaluate_loss, fit, resolve_device  # noqa: E402
+from ligo_convert.growth.fit import GrowingModel, autocast, evaluate_loss, fit, resolve_device  # noqa: E402
 from ligo_convert.growth.operator import LigoOperator  # noqa: E402
 from ligo_convert.objectives import task_terms  # noqa: E402
 
@@ -57,7 +57,7 @@ def synthetic_batch(spec: Spec, batch: int, seq: int, device) -> dict:
 
 
 def overhead(preset: str, device: torch.device, repeats: int, steps: int, shared_width: bool,
-             batch_size: int = 0) -> None:
+             batch_size: int = 0, materialize: str = "full") -> None:
     cfg = dict(PRESETS[preset], **({"batch": batch_size} if batch_size else {}))
     source = cfg["source"]
     target = source.replace(**cfg["target"])
@@ -68,9 +68,11 @@ def overhead(preset: str, device: torch.device, repeats: int, steps: int, shared
     plain = {k: v.to(device).requires_grad_(True) for k, v in init_weights(target, seed=1).items()}
     plain_opt = torch.optim.AdamW(plain.values(), lr=1e-4, eps=1e-6)
 
-    def step(weights_fn, opt):
+    growing = GrowingModel(op, stream=materialize == "layers")
+
+    def step(run, opt):
         with autocast(device):
-            total, count = task_terms(target, forward(target, weights_fn(), **inputs), batch)
+            total, count = task_terms(target, run(), batch)
         opt.zero_grad(set_to_none=True)
         (total.float() / count).backward()
         opt.step()
@@ -84,8 +86,8 @@ def overhead(preset: str, device: torch.device, repeats: int, steps: int, shared
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    ligo_step = lambda: step(op, op_opt)  # noqa: E731
-    plain_step = lambda: step(lambda: plain, plain_opt)  # noqa: E731
+    ligo_step = lambda: step(lambda: growing(**inputs), op_opt)  # noqa: E731
+    plain_step = lambda: step(lambda: forward(target, plain, **inputs), plain_opt)  # noqa: E731
     for _ in range(2):  # warm-up
         ligo_step()
         plain_step()
@@ -168,6 +170,8 @@ def main():
     p.add_argument("--steps", type=int, default=0, help="also time a full fitting run of this many steps")
     p.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
     p.add_argument("--shared-width", action="store_true", help="time the shared-width operator variant")
+    p.add_argument("--materialize", choices=("full", "layers"), default="full",
+                   help="full: every layer kept for the backward; layers: checkpointed layer by layer")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--lr-sweep", action="store_true", help="run the learning-rate sweep instead")
     p.add_argument("--relative-lrs", default="3e-3,1e-2,3e-2,1e-1", help="sweep: relative (default mode) lrs")
@@ -180,7 +184,8 @@ def main():
         lr_sweep([float(x) for x in args.relative_lrs.split(",") if x],
                  [float(x) for x in args.flat_lrs.split(",") if x], args.minilm_steps)
     else:
-        overhead(args.preset, resolve_device(args.device), args.repeats, args.steps, args.shared_width, args.batch)
+        overhead(args.preset, resolve_device(args.device), args.repeats, args.steps, args.shared_width, args.batch,
+                 args.materialize)
 
 
 if __name__ == "__main__":
