@@ -237,12 +237,7 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
     a loss can decode only the predicted places, a chunk at a time (``objectives.task_terms``)."""
     if attention not in ATTENTION:
         raise ValueError(f"unknown attention {attention!r} (known: {', '.join(ATTENTION)})")
-    x = embed(spec, w, input_ids, pixel_values, token_type_ids)
-    batch, seq, _ = x.shape
-    if spec.input == "patches":
-        attention_mask = None  # every patch is real
-    bias = attention_bias(spec, attention_mask, batch, seq, x.device, x.dtype, attention)
-    rope = rotary(spec, seq, x.device, x.dtype) if spec.positions == "rotary" else None
+    x, bias, rope = start(spec, w, input_ids, pixel_values, attention_mask, token_type_ids, attention)
     for i in range(spec.layers):
         def run_block(x, i=i):
             return block(spec, layer_weights(i) if layer_weights else w, i, x, bias, rope, attention)
@@ -251,6 +246,35 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
             x = torch.utils.checkpoint.checkpoint(run_block, x, use_reentrant=False)
         else:
             x = run_block(x)
+    return finish(spec, w, x, lazy_logits)
+
+
+def forward_many(spec: Spec, w: Mapping[str, Tensor], batches: list[dict],
+                 layer_weights: Callable[[int], Mapping[str, Tensor]], attention: str = "sdpa",
+                 lazy_logits: bool = False) -> list[dict[str, Tensor]]:
+    """``forward`` over several batches, layer-major: each block's weights are asked for once and run on every
+    batch, so a grown model evaluated on N batches makes its layers once instead of N times (no gradients)."""
+    states = [start(spec, w, **inputs, attention=attention) for inputs in batches]
+    for i in range(spec.layers):
+        wi = layer_weights(i)
+        states = [(block(spec, wi, i, x, bias, rope, attention), bias, rope) for x, bias, rope in states]
+    return [finish(spec, w, x, lazy_logits) for x, _, _ in states]
+
+
+def start(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None, attention_mask=None,
+          token_type_ids=None, attention: str = "sdpa") -> tuple[Tensor, Tensor | str | None, tuple | None]:
+    """The embedded input and what every block needs with it: (x, attention bias, rotary cos/sin)."""
+    x = embed(spec, w, input_ids, pixel_values, token_type_ids)
+    batch, seq, _ = x.shape
+    if spec.input == "patches":
+        attention_mask = None  # every patch is real
+    bias = attention_bias(spec, attention_mask, batch, seq, x.device, x.dtype, attention)
+    rope = rotary(spec, seq, x.device, x.dtype) if spec.positions == "rotary" else None
+    return x, bias, rope
+
+
+def finish(spec: Spec, w: Mapping[str, Tensor], x: Tensor, lazy_logits: bool = False) -> dict[str, Tensor]:
+    """The final norm and the heads on the last block's output."""
     if spec.final_norm:
         x = norm(spec, w, "final_norm", x)
     out = {"hidden": x}

@@ -264,3 +264,21 @@ def test_writing_reads_one_tensor_at_a_time(tmp_path, gpt2_source, monkeypatch):
     grow(gpt2_source, layers=3, width=32, steps=2, batch_size=4, seq_len=16, eval_batches=1, materialize="layers",
          out=tmp_path / "out", device="cpu")
     assert calls == []
+
+
+@pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
+def test_validation_makes_each_layer_once_and_gives_the_materialised_loss(family, spec, monkeypatch):
+    from ligo_convert.growth.fit import evaluate_loss
+
+    target = target_of(spec)
+    op = LigoOperator(spec, target, init_weights(spec, seed=8))
+    batches = [batch_for(target, seed=s) for s in range(3)]
+    made = []
+    original = op.layer_weights
+    monkeypatch.setattr(op, "layer_weights", lambda i: made.append(i) or original(i))
+    cpu = torch.device("cpu")
+    layered = evaluate_loss(target, GrowingModel(op), batches, "task", None, cpu)
+    assert made == list(range(target.layers))  # once per layer, not once per layer and batch
+    with torch.no_grad():
+        dense = evaluate_loss(target, op(), batches, "task", None, cpu)
+    assert abs(layered - dense) <= 1e-5 * max(1.0, abs(dense))

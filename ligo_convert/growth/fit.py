@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .. import data as data_mod
 from ..errors import LigoError
-from ..model import forward
+from ..model import forward, forward_many
 from ..objectives import loss_terms
 from ..spec import Spec
 
@@ -70,6 +70,12 @@ class GrowingModel(torch.nn.Module):
         op = self.operator
         return forward(op.target, op.global_weights(factored=True), **inputs, layer_weights=op.layer_weights,
                        checkpoint=self.stream, attention=self.attention, lazy_logits=True)
+
+    def forward_many(self, batches: list[dict]) -> list[dict]:
+        """The outputs for several batches (no gradients), each target layer made once for all of them."""
+        op = self.operator
+        return forward_many(op.target, op.global_weights(factored=True), batches, op.layer_weights,
+                            self.attention, lazy_logits=True)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -151,16 +157,18 @@ class Teacher:
 def evaluate_loss(spec: Spec, weights, batches: Iterable[dict], objective: str, teacher: Teacher | None,
                   device: torch.device) -> float:
     """Mean objective loss over ``batches`` (every example counted once).  ``weights``: a mapping of canonical
-    weights, or a :class:`GrowingModel` (the target made layer by layer, never whole)."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        batch = data_mod.to_device(batch, device)
-        with autocast(device):
-            inputs = data_mod.model_inputs(batch)
-            out = weights(**inputs) if isinstance(weights, torch.nn.Module) else forward(spec, weights, **inputs)
+    weights, or a :class:`GrowingModel` — the target made a layer at a time, each layer once for all the batches."""
+    batches = [data_mod.to_device(b, device) for b in batches]
+    with autocast(device):
+        if isinstance(weights, GrowingModel):
+            outs = weights.forward_many([data_mod.model_inputs(b) for b in batches])
+        else:
+            outs = [forward(spec, weights, **data_mod.model_inputs(b)) for b in batches]
+        total, count = 0.0, 0.0
+        for batch, out in zip(batches, outs):
             s, c = loss_terms(spec, objective, out, batch, teacher(batch) if teacher else None)
-        total += float(s)
-        count += float(c)
+            total += float(s)
+            count += float(c)
     return total / max(count, 1.0)
 
 
