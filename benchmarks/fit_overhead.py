@@ -1,11 +1,13 @@
 """Fitting overhead of LiGO, and the learning-rate sweep behind the default ``--lr``.
 
-Overhead (default): one LiGO fitting step (materialise the large weights from the small ones through the operator,
-forward, backward, AdamW on the operator) divided by one plain training step of the same large model (forward,
-backward, AdamW on its weights), same batch, timed alternately in one run; the median of the ratios is printed.
-Target: <= 1.3.
+Overhead (default): one LiGO fitting step (the growing model, ``GrowingModel(op, stream)``: each large layer's
+weights made from the small ones through the operator when that layer runs; forward, backward, AdamW on the
+operator) divided by one plain training step of the same large model (forward, backward, AdamW on its weights), same
+batch, timed alternately in one run; the median of the ratios is printed.  Target: <= 1.3.  ``--materialize full``
+(default) keeps every layer for the backward; ``--materialize layers`` also checkpoints each layer (the backward
+makes its weights again), as ``grow --materialize layers`` does.
 
-    python benchmarks/fit_overhead.py                       # CPU, BERT-like 4x128 -> 8x256, 16 x 128 tokens
+    python benchmarks/fit_overhead.py --repeats 9 --threads 2    # CPU, BERT-like 4x128 -> 8x256, 16 x 128 tokens
     python benchmarks/fit_overhead.py --preset vit-s-b --device cuda --steps 100   # ViT-S -> ViT-B, batch 64, bf16
 
 ``--lr-sweep`` fits the default-length operator (100 steps) at several learning rates on small pretrained models

@@ -61,7 +61,8 @@ FULL = {
                   seq=512, steps=3),
 }
 QUICK = {
-    "vit": dict(source=VIT_S.replace(layers=2, width=32, heads=2, kv_heads=2, head_dim=16, mlp=64, image_size=32, num_classes=10),
+    "vit": dict(source=VIT_S.replace(layers=2, width=32, heads=2, kv_heads=2, head_dim=16, mlp=64, image_size=32,
+                                     num_classes=10),
                 target=dict(layers=3, width=64, heads=4, kv_heads=4, mlp=128), batch=4, seq=0, steps=3),
     "gpt2": dict(source=GPT2_S.replace(layers=2, width=32, heads=2, kv_heads=2, head_dim=16, mlp=64, vocab_size=500,
                                        max_positions=64),
@@ -108,10 +109,12 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def step_ratio(op, target: Spec, batch: dict, device, stream: bool, pairs: int = 3) -> tuple[float, float, float]:
-    """(LiGO step s, plain step s, ratio): one fitting step vs one plain training step of the target, alternated."""
+def step_ratio(op, target: Spec, batch: dict, device, stream: bool, pairs: int = 3):
+    """(LiGO step s, plain step s, median pair ratio, plain step peak GiB or None): one fitting step vs one plain
+    training step of the target (forward, backward, AdamW on its weights), same batch, alternated."""
     inputs = data_mod.model_inputs(batch)
     op_opt = torch.optim.AdamW(op.param_groups(1e-2), eps=1e-6)
+    before_plain = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     plain = {k: v.requires_grad_(True) for k, v in random_weights(target, device).items()}
     plain_opt = torch.optim.AdamW(plain.values(), lr=1e-4, eps=1e-6)
 
@@ -128,43 +131,54 @@ def step_ratio(op, target: Spec, batch: dict, device, stream: bool, pairs: int =
 
     ligo = (lambda: GrowingModel(op, stream)(**inputs), op_opt)
     base = (lambda: forward(target, plain, **inputs), plain_opt)
-    times = {"ligo": [], "plain": []}
+    times = {"ligo": [], "plain": [], "ratio": []}
     for i in range(pairs + 1):  # the first pair warms up
         a, b = step(*ligo), step(*base)
         if i:
             times["ligo"].append(a)
             times["plain"].append(b)
+            times["ratio"].append(a / b)
+    plain_peak = None
+    if device.type == "cuda":  # the plain step's own footprint: its weights, AdamW state, gradients, activations
+        op_opt.zero_grad(set_to_none=True)
+        op_opt.state.clear()  # what is left allocated besides the plain model is what was there before it
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step(*base)
+        plain_peak = (torch.cuda.max_memory_allocated() - before_plain) / 2**30
     del plain, plain_opt, op_opt
     op.zero_grad(set_to_none=True)
-    a, b = statistics.median(times["ligo"]), statistics.median(times["plain"])
-    return a, b, a / b
+    return (statistics.median(times["ligo"]), statistics.median(times["plain"]), statistics.median(times["ratio"]),
+            plain_peak)
 
 
 def fit_section(name: str, cfg: dict, device, stream: bool, shared: bool = False, ratio: bool = True) -> str:
     source = cfg["source"]
     target = source.replace(**cfg["target"])
-    reset_peak(device)
     op = LigoOperator(source, target, random_weights(source, device), shared_width=shared).to(device)
     if device.type == "cuda":
-        op.cast_source(torch.bfloat16)
+        op.cast_source(torch.bfloat16)  # as grow does: the frozen source in bf16, the operator in fp32
     batch = synthetic_batch(target, cfg["batch"], cfg["seq"], device)
     batches = iter(lambda: batch, None)
+    reset_peak(device)  # the fit's own peak (not the fp32 source weights the operator was built from)
     sync(device)
     start = time.perf_counter()
     result = fit(op, target, batches, "task", steps=cfg["steps"], lr=1e-2, device=device, stream=stream)
     sync(device)
     wall = time.perf_counter() - start
     peak = peak_gib(device)
+    params = target.parameter_count()
     line = (f"| {name} | {source.layers}x{source.width} -> {target.layers}x{target.width} "
-            f"({target.parameter_count() / 1e6:.0f} M) | {'shared' if shared else 'per-layer'} "
+            f"({params / 1e6:.1f} M; fp32 {params * 4 / 2**30:.2f} GiB) | {'shared' if shared else 'per-layer'} "
             f"({op.operator_parameter_count() / 1e6:.1f} M) | {'layers' if stream else 'full'} | "
-            f"{cfg['batch']}{' x ' + str(cfg['seq']) if cfg['seq'] else ''} | {cfg['steps']} | {wall:.1f} | "
+            f"{cfg['batch']}{' x ' + str(cfg['seq']) if cfg['seq'] else ''} | {cfg['steps']} | {wall:.3g} | "
             f"{f'{peak:.2f}' if peak is not None else 'n/a (CPU)'} | ")
     if ratio:
-        a, b, r = step_ratio(op, target, batch, device, stream)
-        line += f"{r:.2f} ({a * 1e3:.0f} / {b * 1e3:.0f} ms) |"
+        a, b, r, plain_peak = step_ratio(op, target, batch, device, stream)
+        line += (f"{r:.2f} ({a * 1e3:.0f} / {b * 1e3:.0f} ms) | "
+                 f"{f'{plain_peak:.2f}' if plain_peak is not None else 'n/a (CPU)'} |")
     else:
-        line += "– |"
+        line += f"– | – (would hold >= {params * 16 / 2**30:.0f} GiB: fp32 weights, gradients, AdamW) |"
     print(line, f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}", flush=True)
     del op
     return line
@@ -185,8 +199,14 @@ def onnx_section(device, quick: bool) -> str:
         grow(Path(tmp) / "src", layers=4, width=128, steps=2 if quick else 20, device=device.type,
              out=Path(tmp) / "grown")
         report = export_onnx(Path(tmp) / "grown", Path(tmp) / "grown.onnx")
-    note = "" if have_cuda else " — onnxruntime-gpu is not installed: validated on the CPU provider only"
     checks = report.to_dict()["checks"]
+    used = {c["provider"] for c in checks}
+    if not have_cuda:
+        note = " — onnxruntime-gpu is not installed (no CUDAExecutionProvider): validated on the CPU provider only"
+    elif "CUDAExecutionProvider" not in used:
+        note = " — CUDAExecutionProvider is listed but was not used (no CUDA device for torch?)"
+    else:
+        note = " — on the CUDA execution provider"
     shapes = ", ".join(f"{c['provider']} {list(c['shapes'].values())[0]}" for c in checks)
     return (f"onnxruntime {ort.__version__}{note}: {'valid' if report.ok else 'INVALID'}, max abs diff "
             f"{report.to_dict()['max_diff']:.2e} over {len(checks)} runs ({shapes}); export "
@@ -194,17 +214,30 @@ def onnx_section(device, quick: bool) -> str:
 
 
 def header(device, command: str) -> str:
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
 
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none (CPU run)"
+        ort_version = f"{ort.__version__} (providers: {', '.join(ort.get_available_providers())})"
+    except ImportError:
+        ort_version = "not installed"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    else:
+        gpu = "none: a CPU run"
     return (f"# GPU check\n\n    {command}\n\n{time.strftime('%Y-%m-%d %H:%M')}; device {device} ({gpu}); torch "
-            f"{torch.__version__}; onnxruntime {ort.__version__}; Python {platform.python_version()}. Random source "
+            f"{torch.__version__}; onnxruntime {ort_version}; Python {platform.python_version()}. Random source "
             f"weights (time and memory, not quality); bf16 autocast on GPU with the frozen source in bf16 and the "
-            f"operator in fp32. Step ratio: one LiGO fitting step / one plain training step of the target, same "
-            f"batch, alternated (median of 3 pairs).\n\nTo run: `pip uninstall -y onnxruntime && pip install -e "
-            f"\".[gpu]\"`, then `python benchmarks/gpu_check.py`.\n\n"
+            f"operator in fp32. Wall s: the whole `fit()` of that many steps (the first step included). Peak GiB: "
+            f"`torch.cuda.max_memory_allocated()` over the fit (the bf16 source, the operator, its gradients and "
+            f"AdamW state, activations; reset after the operator is built). Step ratio: one LiGO fitting step / one "
+            f"plain training step of the target (fp32 weights, AdamW on them), same batch, alternated (median of 3 "
+            f"pair ratios after a warm-up pair); plain peak: that "
+            f"plain step's own footprint.\n\nTo run it (from the repository root, on the GPU machine): "
+            f"`pip uninstall -y onnxruntime && pip install -e \".[gpu]\"`, then `python benchmarks/gpu_check.py` "
+            f"(<= 8 minutes on one H100/H200-class GPU; it writes this file).\n\n"
             f"| case | growth (target params) | operator | materialize | batch | steps | wall s | peak GiB | "
-            f"step ratio |\n|---|---|---|---|---|---|---|---|---|\n")
+            f"step ratio (LiGO / plain ms) | plain step peak GiB |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def main() -> None:
@@ -216,11 +249,12 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on the GPU machine, or pass --device cpu --quick for a smoke test")
-    if device.type == "cpu":
-        torch.set_num_threads(2)
+    if device.type == "cpu" and args.quick:
+        torch.set_num_threads(1)  # tiny ops: 2 OpenMP threads on a shared 2-core machine spin-wait ~10x longer
     sizes = QUICK if args.quick else FULL
     command = "python benchmarks/gpu_check.py" + (f" --device {args.device}" if args.device != "cuda" else "") + \
         (" --quick" if args.quick else "")
+    begin = time.perf_counter()
     args.out.write_text(header(device, command))
     sections = [
         ("ViT-S -> ViT-B", lambda: fit_section("vit", sizes["vit"], device, stream=False)),
@@ -250,7 +284,8 @@ def main() -> None:
         onnx = f"failed: {type(e).__name__}: {e}"
         traceback.print_exc()
     with args.out.open("a") as f:
-        f.write(f"\nONNX export validated with onnxruntime: {onnx}\n")
+        f.write(f"\nONNX export validated with onnxruntime: {onnx}\n\nWhole check: {time.perf_counter() - begin:.0f} s"
+                f"{'; failed sections: ' + ', '.join(failures) if failures else ''}.\n")
     print(onnx)
     if failures:
         sys.exit(f"sections failed: {', '.join(failures)}")
