@@ -332,8 +332,7 @@ def initialise(plan: GrowPlan, dev: torch.device) -> Growth:
         report = {**_base_report(plan), **plan.method_info, "source_spec": _sizes(src.spec),
                   "target_spec": _sizes(spec_t), "seed": o.seed, "steps": 0}
         return Growth(report, tensors=grown)
-    op = LigoOperator(src.spec, spec_t, src.tensors, shared_width=o.shared_width, learn=o.learn)
-    op.initialize(o.depth_init, o.width_init, o.noise, o.seed)
+    op = _operator(plan)
     init_note = baselines.ligo_init(op, o.init, o.seed) if o.init else None
     report = {**_base_report(plan), "method": "ligo", "variant": "shared" if o.shared_width else "per-layer",
               "learn": o.learn,
@@ -364,8 +363,10 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
     tok_dir = plan.src.source
     val = list(itertools.islice(data_mod.batches(spec_t, o.data, tok_dir, "val", o.batch_size, o.seq_len, o.seed,
                                                  **o.data_options(dev)), o.eval_batches))
-    teacher_weights = op.source_weights() if op is not None else plan.src.materialize(torch.float32)
-    teacher = Teacher(plan.src.spec, teacher_weights, dev) if obj == "distill" else None
+    teacher = None
+    if obj == "distill":  # the source's outputs: the operator's frozen copy, or (baselines) the source itself
+        weights = op.source_weights() if op is not None else plan.src.materialize(torch.float32)
+        teacher = Teacher(plan.src.spec, weights, dev)
     info = {"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, o.data, o.text_column)}
     if op is None:  # a baseline: the same held-out loss LiGO reports at init, for comparison
         growth.report.update({**info, "loss_init": evaluate_loss(spec_t, growth.tensors, val, obj, teacher, dev)})
@@ -399,11 +400,17 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
     return _save_operator(plan, growth)
 
 
+def _operator(plan: GrowPlan) -> LigoOperator:
+    """The LiGO operator over the source (read lazily), at its initial value."""
+    o = plan.options
+    return LigoOperator(plan.src.spec, plan.spec, plan.src.tensors, shared_width=o.shared_width, learn=o.learn,
+                        depth_init=o.depth_init, width_init=o.width_init, noise=o.noise, seed=o.seed)
+
+
 def _rebuilt(plan: GrowPlan, state: dict, dev: torch.device) -> LigoOperator:
     """A whole operator (source re-read) holding the fitted values gathered from a sharded one."""
     o = plan.options
-    op = LigoOperator(plan.src.spec, plan.spec, plan.src.tensors, shared_width=o.shared_width, learn=o.learn)
-    op.initialize(o.depth_init, o.width_init, o.noise, o.seed)  # the parts that do not learn
+    op = _operator(plan)  # its initial value stands for the parts that do not learn
     if o.init:
         baselines.ligo_init(op, o.init, o.seed)
     missing = set(n for n, p in op.named_parameters() if p.requires_grad) - set(state)

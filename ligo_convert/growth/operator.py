@@ -116,7 +116,8 @@ class LigoOperator(torch.nn.Module):
     """
 
     def __init__(self, source: Spec, target: Spec, weights: Mapping[str, Tensor], shared_width: bool = False,
-                 learn: str = "both"):
+                 learn: str = "both", depth_init: str = "stack", width_init: str = "random",
+                 noise: float = inits.DEFAULT_NOISE, seed: int = 0):
         super().__init__()
         check_growable(source, target)
         if learn not in LEARN:
@@ -151,7 +152,7 @@ class LigoOperator(torch.nn.Module):
         for module in self.module_types if self.depth_grows else []:
             for layer_op in self.layer_ops:
                 _register(layer_op, self._key("depth", module), torch.zeros(source.layers), learn_depth)
-        self.initialize()
+        self.initialize(depth_init, width_init, noise, seed)
 
     # -- structure ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -251,14 +252,18 @@ class LigoOperator(torch.nn.Module):
             if kind in self.tied or kind in HEAD_SPACES:
                 continue
             d2, d1 = self.width_kinds[kind]
-            layers = t.layers if self._per_layer(kind) else 1
-            self.set_width(kind, torch.stack([inits.width_matrix(d2, d1, width, noise, g) for _ in range(layers)]))
+            for owner in self._owners(kind):  # drawn and set one matrix at a time: no stacked copies
+                getattr(owner, self._key("width", kind)).copy_(inits.width_matrix(d2, d1, width, noise, g))
         if head_kinds:
-            layers = t.layers if any(self._per_layer(k) for k in head_kinds) else 1
-            mats = [inits.head_matrices((s.heads, t.heads), (s.kv_heads, t.kv_heads), s.head_dim, width, noise, g)
-                    for _ in range(layers)]
-            for kind in head_kinds:
-                self.set_width(kind, torch.stack([m[kind] for m in mats]))
+            per_layer = any(self._per_layer(k) for k in head_kinds)
+            for owner in self.layer_ops if per_layer else [self]:
+                mats = inits.head_matrices((s.heads, t.heads), (s.kv_heads, t.kv_heads), s.head_dim, width, noise, g)
+                for kind in head_kinds:
+                    getattr(owner, self._key("width", kind)).copy_(mats[kind])
+
+    def _owners(self, kind: str) -> list[torch.nn.Module]:
+        """The modules holding ``kind``'s matrix: every layer's part when per layer, else the operator itself."""
+        return list(self.layer_ops) if self._per_layer(kind) else [self]
 
     # -- application -------------------------------------------------------------------------------------------------
     def global_weights(self, factored: bool = False) -> dict[str, Tensor | Factored]:
