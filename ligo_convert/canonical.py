@@ -158,6 +158,7 @@ def load(source, family: str | None = None, strict: bool = True) -> CanonicalMod
             raise LigoError(f"{reader.file_of(key.key)}: tensor {key.key} is {dtype}, not floating point; "
                             f"quantised or integer weights cannot be grown — dequantise first")
     try:
+        descriptor.resolve_locations(mapping, config)
         shapes = {name: loc.canonical_shape(reader.shape(loc.key)) for name, loc in mapping.locations.items()}
         spec = descriptor.infer_spec(config, shapes, where)
     except LigoError as e:  # these name tensors or config keys: say which checkpoint they are in
@@ -247,7 +248,7 @@ def _unchanged(model: CanonicalModel) -> bool:
 def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
     metas = [model.meta(name) for name, _ in entries]
     out_dtype = dtype or metas[0][1]
-    first = entries[0][1]
+    first = entries[0][1].resolved(model.spec.to_dict())
     disk_shapes = [shape_to_disk(shape, loc.transform) for (shape, _), (_, loc) in zip(metas, entries)]
     shape = list(disk_shapes[0])
     if first.fused:
@@ -261,7 +262,7 @@ def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
         from .descriptors import to_disk
 
         parts = [to_disk(model.tensors[name], loc.transform) for name, loc in entries]
-        t = torch.cat(parts, dim=first.axis) if first.fused else parts[0]
+        t = first.fuse(parts) if first.fused else parts[0]
         if not checked and not all_finite(t):
             raise LigoError(f"tensor {key} ({', '.join(n for n, _ in entries)}) has NaN or infinite values; "
                             f"nothing was written")

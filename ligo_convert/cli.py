@@ -96,8 +96,13 @@ def inspect_command(src, family, as_json):
     """
     from . import describe, load
     from .descriptors import get_descriptor
+    from .errors import UnknownFamily
 
-    info = describe(load(src, family=family, strict=False))
+    try:
+        info = describe(load(src, family=family, strict=False))
+    except UnknownFamily as e:
+        _report_unknown_family(e, as_json)
+        raise
     if as_json:
         _print_json(info)
         return
@@ -141,6 +146,22 @@ def inspect_command(src, family, as_json):
     if problems:
         click.echo(f"convert would refuse this checkpoint ({', '.join(problems)}): fix the tensors listed above",
                    err=True)
+
+
+def _report_unknown_family(error, as_json: bool) -> None:
+    """What inspect prints before refusing an unknown family: the closest descriptor and what it leaves over."""
+    from .unknown import closest_family
+
+    report = closest_family(error.config, error.keys)
+    if as_json:
+        _print_json({"family": None, **report})
+        return
+    click.echo(f"family      unknown; closest: {report['closest']} ({report['title']})")
+    click.echo(f"unmapped    {len(report['unmapped_tensors'])} of {report['tensors']} tensors"
+               + (": " + ", ".join(report["unmapped_tensors"]) if report["unmapped_tensors"] else ""))
+    click.echo(f"config      {len(report['unknown_config_keys'])} keys {report['closest']} does not read"
+               + (": " + ", ".join(report["unknown_config_keys"]) if report["unknown_config_keys"] else ""))
+    click.echo(f"guide       {report['guide']}: how to write a descriptor for a new family")
 
 
 # --- convert -----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ is the only code that reads those files; it holds no knowledge of any particular
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import tomllib
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LigoError
+from .errors import LigoError, UnknownFamily
 from .exprs import Unresolved, evaluate
 from .spec import CANONICAL, Spec, pattern_of, spaces, space_kind
 
@@ -46,6 +47,8 @@ def to_canonical(t: torch.Tensor, transform: str | None) -> torch.Tensor:
         return t.t()
     if transform == "lead1":  # e.g. ViT position table stored as (1, N, D)
         return t.reshape(t.shape[1:])
+    if transform == "flat":  # e.g. CLIP's class embedding stored as (D,), canonical (1, D)
+        return t.unsqueeze(0)
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -56,6 +59,8 @@ def to_disk(t: torch.Tensor, transform: str | None) -> torch.Tensor:
         return t.t().contiguous()
     if transform == "lead1":
         return t.unsqueeze(0)
+    if transform == "flat":
+        return t.reshape(t.shape[1:]).contiguous()
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -64,6 +69,8 @@ def shape_to_canonical(shape: tuple, transform: str | None) -> tuple:
         return tuple(reversed(shape))
     if transform == "lead1":
         return tuple(shape[1:])
+    if transform == "flat":
+        return (1, *shape)
     return tuple(shape)
 
 
@@ -72,6 +79,8 @@ def shape_to_disk(shape: tuple, transform: str | None) -> tuple:
         return tuple(reversed(shape))
     if transform == "lead1":
         return (1, *shape)
+    if transform == "flat":
+        return tuple(shape[1:])
     return tuple(shape)
 
 
@@ -80,30 +89,72 @@ def shape_to_disk(shape: tuple, transform: str | None) -> tuple:
 
 @dataclass(frozen=True)
 class Location:
-    """Where one canonical tensor is stored: a whole file tensor, or part ``index`` of ``parts`` along ``axis``."""
+    """Where one canonical tensor is stored: a whole file tensor, or part ``index`` of ``parts`` along ``axis`` —
+    equal parts, parts of the ``sizes`` given (Phi-3's q | k | v with fewer k/v heads), or, with ``groups``, the
+    axis read as (groups, parts, rest) (GPT-NeoX's q/k/v interleaved head by head).  ``split`` / ``interleave`` are
+    the descriptor's expressions for sizes / groups until ``resolved`` evaluates them."""
 
     key: str
     transform: str | None = None
     index: int = 0
     parts: int = 1
     axis: int = 0
+    split: tuple[str, ...] | None = None
+    interleave: str | None = None
+    sizes: tuple[int, ...] | None = None
+    groups: int = 0
 
     @property
     def fused(self) -> bool:
         return self.parts > 1
 
+    def resolved(self, values: dict) -> "Location":
+        """This location with its split sizes / interleave groups evaluated from ``values`` (spec fields)."""
+        if not self.fused or (self.split is None and self.interleave is None):
+            return self
+        try:
+            sizes = tuple(int(evaluate(e, values)) for e in self.split) if self.split else None
+            groups = int(evaluate(self.interleave, values)) if self.interleave else 0
+        except Unresolved as e:
+            raise LigoError(f"fused tensor {self.key}: the config does not give {e}, which its layout needs") from None
+        return dataclasses.replace(self, sizes=sizes, groups=groups)
+
     def extract(self, disk: torch.Tensor) -> torch.Tensor:
-        t = disk.chunk(self.parts, dim=self.axis)[self.index] if self.fused else disk
+        if not self.fused:
+            return to_canonical(disk, self.transform)
+        if self.groups:
+            t = disk.movedim(self.axis, 0)
+            t = t.reshape(self.groups, self.parts, -1, *t.shape[1:])[:, self.index]
+            t = t.reshape(-1, *t.shape[2:]).movedim(0, self.axis)
+        elif self.sizes:
+            t = disk.split(list(self.sizes), dim=self.axis)[self.index]
+        else:
+            t = disk.chunk(self.parts, dim=self.axis)[self.index]
         return to_canonical(t, self.transform)
 
     def canonical_shape(self, disk_shape: tuple) -> tuple:
         shape = list(disk_shape)
         if self.fused:
-            if shape[self.axis] % self.parts:
-                raise LigoError(f"fused tensor {self.key} has {shape[self.axis]} rows along axis {self.axis}, "
-                                f"not divisible into {self.parts} equal parts")
-            shape[self.axis] //= self.parts
+            if self.sizes:
+                if shape[self.axis] != sum(self.sizes):
+                    raise LigoError(f"fused tensor {self.key} has {shape[self.axis]} rows along axis {self.axis}, "
+                                    f"but the config makes its parts {' + '.join(map(str, self.sizes))}")
+                shape[self.axis] = self.sizes[self.index]
+            else:
+                unit = self.parts * (self.groups or 1)
+                if shape[self.axis] % unit:
+                    raise LigoError(f"fused tensor {self.key} has {shape[self.axis]} rows along axis {self.axis}, "
+                                    f"not divisible into {unit} equal parts")
+                shape[self.axis] //= self.parts
         return shape_to_canonical(tuple(shape), self.transform)
+
+    def fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The on-disk tensor from its canonical parts (already in disk orientation), in part order."""
+        if self.groups:
+            moved = [t.movedim(self.axis, 0) for t in parts]
+            stacked = torch.stack([t.reshape(self.groups, -1, *t.shape[1:]) for t in moved], dim=1)
+            return stacked.reshape(-1, *stacked.shape[3:]).movedim(0, self.axis).contiguous()
+        return torch.cat(parts, dim=self.axis)
 
 
 @dataclass
@@ -123,6 +174,12 @@ class Mapping:
         for name, loc in self.locations.items():
             out.setdefault(loc.key, []).append(name)
         return out
+
+
+def _fused_location(key: str, entry: dict, index: int) -> Location:
+    split = entry.get("sizes")
+    return Location(key, entry.get("transform"), index, len(entry["parts"]), entry.get("axis", 0),
+                    tuple(split) if split else None, entry.get("interleave"))
 
 
 def _regex(pattern: str, prefix: str) -> re.Pattern:
@@ -165,7 +222,13 @@ class ConfigField:
 
     keys: list[str]
     values: dict | None = None  # config value -> spec value (first entry wins when writing)
-    format: str | None = None  # "id2label" (dict of str(int) -> name) or "list"
+    format: str | None = None  # "id2label" (dict of str(int) -> name), "list" or "layer_types"
+    # a config switch that must be on for the value to count (Qwen2's sliding_window needs use_sliding_window);
+    # off, the field reads as ``off`` and writing 0/None leaves the key null; the switch is written with the value
+    when: str | None = None
+    # the spec value the config spells null (with or without ``when``): a key present as null reads as ``off``
+    # (a missing key still takes the family's default) and writing ``off`` writes null (Gemma's softcaps: 0 <-> null)
+    off: object = None
 
     @classmethod
     def parse(cls, raw) -> "ConfigField":
@@ -174,37 +237,67 @@ class ConfigField:
         if isinstance(raw, list):
             return cls(list(raw))
         keys = raw["key"]
-        return cls(keys if isinstance(keys, list) else [keys], raw.get("values"), raw.get("format"))
+        return cls(keys if isinstance(keys, list) else [keys], raw.get("values"), raw.get("format"),
+                   raw.get("when"), raw.get("off"))
 
     def read(self, config: dict):
+        if self.when is not None and not _get_path(config, self.when):
+            return self.off
+        null = False
         for key in self.keys:
             value = _get_path(config, key)
             if value is None:
+                null = null or (self.off is not None and _is_null(config, key))
                 continue
             if self.format == "id2label":
                 return [value[k] for k in sorted(value, key=int)]
             if self.values is not None:
-                if value not in self.values:
+                lookup = _toml_key(value)
+                if lookup not in self.values:
                     raise LigoError(f"config key {key}={value!r} is not supported "
                                     f"(supported: {', '.join(map(str, self.values))})")
-                return self.values[value]
+                return self.values[lookup]
             return value
-        return None
+        return self.off if null else None
 
     def write(self, config: dict, value) -> None:
+        if self.when is not None:  # the switch follows the value, so a config written from scratch turns it on
+            _set_path(config, self.when, value != self.off)
+        if (self.when is not None or self.off is not None) and value == self.off:
+            for key in self.keys:
+                _set_path(config, key, None)
+            return
         if self.values is not None:
+            current = [_get_path(config, key) for key in self.keys]
+            if all(isinstance(c, (str, int, float, bool)) and self.values.get(_toml_key(c)) == value
+                   for c in current):
+                return  # the config already says it, in its own words (gelu_new and gelu_pytorch_tanh are one)
             inverse = {}
             for raw, canonical in self.values.items():
                 inverse.setdefault(canonical, raw)
             if value not in inverse:
                 raise LigoError(f"config key {self.keys[0]} cannot express {value!r}")
-            value = inverse[value]
+            value = {"true": True, "false": False}.get(inverse[value], inverse[value])
         for key in self.keys:
             if self.format == "id2label":
                 _set_path(config, key, {str(i): label for i, label in enumerate(value)})
                 _set_path(config, "label2id", {label: i for i, label in enumerate(value)})
             else:
                 _set_path(config, key, value)
+
+
+def _is_null(config: dict, path: str) -> bool:
+    """Whether ``path`` is present in ``config`` with the value null (not merely missing)."""
+    *parents, last = path.split(".")
+    node = _get_path(config, ".".join(parents)) if parents else config
+    return isinstance(node, dict) and last in node and node[last] is None
+
+
+def _toml_key(value):
+    """A config value as a key of a descriptor's value map (TOML keys are strings: true -> "true")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 # Which spec field a width space measures.  q/k/v are measured as flat widths (heads x head_dim).
@@ -217,6 +310,7 @@ _MEASURES = {
     "channels": "num_channels",
     "patch": "patch_size",
     "positions": "num_positions",
+    "projection": "projection_dim",
     "q": "q_width",
     "k": "kv_width",
     "v": "kv_width",
@@ -271,8 +365,11 @@ class Descriptor:
         # config key -> expression (or list of expressions) over spec fields, written but never read: values the
         # family's loader needs that are no single spec field (e.g. a ratio of two sizes)
         self.config_write_derived: dict = config.pop("write_derived", {})
-        # config key -> the values we support; a config with another value is refused on read
-        self.config_require: dict[str, list] = config.pop("require", {})
+        # config key -> the values we support (or { equals = "other_key" }); a config with another value is refused
+        self.config_require: dict[str, list | dict] = config.pop("require", {})
+        # model_type -> config keys that model type's class implies where its config lacks them (the class's own
+        # defaults, e.g. Mistral windows every layer without a use_sliding_window switch); filled in before reading
+        self.config_implied: dict[str, dict] = config.pop("implied", {})
         # where the config names the model class: None -> the Hugging Face "architectures" list; else a single-name
         # key, written only where the config has no name yet, so a source's own (more specific) name survives
         self.class_key: str | None = config.pop("class_key", None)
@@ -339,8 +436,7 @@ class Descriptor:
                     if m:
                         layer = m.groupdict().get("i")
                         for index, part in enumerate(f["parts"]):
-                            locations[_layer_name(part, layer)] = Location(
-                                key, f.get("transform"), index, len(f["parts"]), f.get("axis", 0))
+                            locations[_layer_name(part, layer)] = _fused_location(key, f, index)
                         break
                 else:
                     unmapped.append(key)
@@ -362,7 +458,7 @@ class Descriptor:
             elif pattern in fused_by_part:
                 f = fused_by_part[pattern]
                 key = _layer_name(f["file"], layer_s).replace("{p}", prefix)
-                loc = Location(key, f.get("transform"), f["parts"].index(pattern), len(f["parts"]), f.get("axis", 0))
+                loc = _fused_location(key, f, f["parts"].index(pattern))
                 out.setdefault(key, []).append((name, loc))
             else:
                 raise LigoError(f"family {self.name} has no place for tensor {name}; "
@@ -393,6 +489,14 @@ class Descriptor:
                 continue
             if getattr(spec, key) != wanted:
                 return f"family {self.name} needs {key}={wanted!r} ({expr}), the model has {getattr(spec, key)!r}"
+        said = set(self.spec_constants) | set(self.config_fields) | set(self.config_defaults) | set(self.derive)
+        if any(cf.format == "layer_types" for cf in self.config_fields.values()):
+            said |= {"window_start", "window_period"}
+        for key in _UNTENSORED:  # e.g. a Gemma model (norm gain 1 + weight) written as LLaMA would lose its offset
+            default = _SPEC_DEFAULTS[key]
+            if key not in said and getattr(spec, key) != default:
+                return (f"family {self.name} has no config key for {key} (only the default {default!r}), the model "
+                        f"has {getattr(spec, key)!r}")
         if self.architectures and not any(a.fits(spec) for a in self.architectures):
             return f"family {self.name} has no model class for head={spec.head!r}, pooler={spec.pooler}"
         return None
@@ -416,6 +520,14 @@ class Descriptor:
                     return 100 + len(wanted)
         return 0
 
+    def resolve_locations(self, mapping: Mapping, config: dict) -> None:
+        """Evaluate the split sizes / interleave groups of fused tensors from what the config says (in place)."""
+        if not any(loc.split or loc.interleave for loc in mapping.locations.values()):
+            return
+        values = {**self.spec_constants, **self._read_config_fields(config)}
+        self._resolve_defaults(values)
+        mapping.locations = {name: loc.resolved(values) for name, loc in mapping.locations.items()}
+
     # -- spec inference ---------------------------------------------------------------------------------------------
     def infer_spec(self, config: dict, shapes: dict[str, tuple], where: dict[str, str]) -> Spec:
         """Build the spec from the config and the canonical tensors' shapes; the shapes win, and must agree.
@@ -428,6 +540,7 @@ class Descriptor:
         values.update(_measured_sizes(shapes, where, from_config))
         values.update(self._structure_from_tensors(set(shapes), config))
         self._resolve_defaults(values)
+        _windows_from_layer_types(values)
         _resolve_heads(values, where_q=where.get("layers.0.q.weight", "the q weights"))
         _positions_to_sizes(values, from_config, where)
         values.pop("q_width", None)  # measured only to check heads x head_dim
@@ -443,18 +556,40 @@ class Descriptor:
         """Refuse config values the family's layout cannot represent (rather than silently dropping them)."""
         for key, allowed in self.config_require.items():
             value = _get_path(config, key)
+            if isinstance(allowed, dict):  # { equals = "other_key" }: where both are set, they must be the same
+                other = _get_path(config, allowed["equals"])
+                if value is not None and other is not None and value != other:
+                    raise LigoError(f"config key {key}={value!r} is not supported for {self.name}: it must equal "
+                                    f"{allowed['equals']} ({other!r}); use a checkpoint without it")
+                continue
             if value is not None and value not in allowed:
                 raise LigoError(f"config key {key}={value!r} is not supported for {self.name} "
                                 f"(supported: {', '.join(map(repr, allowed))}); use a checkpoint without it")
 
     def _read_config_fields(self, config: dict) -> dict:
         """The spec fields the config states (missing keys are left out, for defaults to fill later)."""
+        config = self._implied(config)
         from_config = {}
         for name, cf in self.config_fields.items():
             value = cf.read(config)
             if value is not None:
                 from_config[name] = value
         return from_config
+
+    def _implied(self, config: dict) -> dict:
+        """``config`` with the keys its model_type implies (``[config.implied.<model_type>]``) added where it has
+        no such key at all; a key the config sets, to null too, is kept."""
+        implied = self.config_implied.get(config.get("model_type"))
+        if not implied:
+            return config
+        out = copy.deepcopy(config)
+        for path, value in implied.items():
+            node, parts = out, path.split(".")
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or parts[-1] not in node:
+                _set_path(out, path, value, only_if_missing=True)
+        return out
 
     def _structure_from_tensors(self, present: set[str], config: dict) -> dict:
         """The spec's switches (tokens, norms, biases, head...) from which canonical tensors exist."""
@@ -472,7 +607,18 @@ class Descriptor:
             "o_bias": "layers.0.o.bias" in present,
             "mlp_bias": "layers.0.fc1.bias" in present,
             "mlm_transform": "mlm.dense.weight" in present,
+            "mask_token": "embed.mask" in present,
+            "pool_norm": "pool_norm.weight" in present,
+            "head_mean": "head_mean.weight" in present,
+            "projection": "proj.weight" in present,
         }
+        if "layers.0.q_norm.weight" in present:
+            values["qk_norm"] = "head"
+        elif "layers.0.q_proj_norm.weight" in present:
+            values["qk_norm"] = "proj"
+        values["layer_scale"] = "layers.0.attn_scale" in present
+        if values["input"] == "patches":  # token models keep the default: they have no patch embedding
+            values["patch_bias"] = "embed.patch.bias" in present
         if "embed.positions" in present:
             values["positions"] = "learned"
         if "embed.types" not in present:
@@ -528,6 +674,12 @@ class Descriptor:
         for key, value in self.config_write_defaults.items():
             _set_path(config, key, value, only_if_missing=True)
         for name, cf in self.config_fields.items():
+            if cf.format == "layer_types":
+                # written where the family's configs carry the list (transformers checks its length)
+                if any(_get_path(config, key) is not None for key in cf.keys):
+                    cf.write(config, ["sliding_attention" if spec.windowed(i) else "full_attention"
+                                      for i in range(spec.layers)])
+                continue
             value = getattr(spec, name, None)
             if name == "labels":
                 if spec.head != "classifier":
@@ -564,8 +716,47 @@ class Descriptor:
         return config
 
 
+# Spec fields that change what a model computes without leaving a tensor behind: a family whose descriptor neither
+# fixes them ([spec]) nor stores them ([config], [config.defaults], [derive]) can only hold their default value.
+_UNTENSORED = ("norm_offset", "embed_scale", "parallel_residual", "positions_from_mask", "rope_local_theta",
+               "rotary_fraction", "score_scale_dim", "attn_softcap", "final_softcap", "sliding_window",
+               "window_start", "window_period")
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Spec)}
+
 # Spec fields whose values are strings, never expressions.
-_STRING_FIELDS = {"activation", "norm", "norm_placement", "input", "positions", "head"}
+_STRING_FIELDS = {"activation", "norm", "norm_placement", "input", "positions", "head", "qk_norm", "pool",
+                  "gate_activation"}
+
+
+def _windows_from_layer_types(values: dict) -> None:
+    """Read a ``layer_types`` list (``sliding_attention`` / ``full_attention`` per layer) as the spec's window rule:
+    the family's own rule first (its window_start / window_period defaults), else the simplest that gives the
+    list; a list no rule gives is refused."""
+    types = values.pop("layer_types", None)
+    if types is None:
+        return
+    kinds = ("sliding_attention", "full_attention")
+    layers = values.get("layers")
+    if not isinstance(types, list) or any(t not in kinds for t in types):
+        raise LigoError(f"config key layer_types must list {' or '.join(kinds)} for every layer")
+    if layers is not None and len(types) != layers:
+        raise LigoError(f"config key layer_types has {len(types)} entries for {layers} layers; fix the config")
+    windowed = [t == "sliding_attention" for t in types]
+    if not any(windowed):  # no window; the family's own rule (Qwen2's max_window_layers) is kept as the config says
+        values["sliding_window"] = 0
+        return
+    if not values.get("sliding_window"):
+        raise LigoError("config key layer_types names sliding_attention layers but sliding_window is not set")
+    n = len(types)
+    own = (values.get("window_start") or 0, values.get("window_period") or 0)
+    for start, period in [own] + [(s, p) for p in (0, *range(2, n + 2)) for s in range(n)]:
+        trial = Spec(layers=n, width=1, heads=1, head_dim=2, mlp=1, sliding_window=1, window_start=start,
+                     window_period=period)
+        if [trial.windowed(i) for i in range(n)] == windowed:
+            values.update(window_start=start, window_period=period)
+            return
+    raise LigoError(f"config key layer_types={types} is not a window pattern ligo-convert can grow (windowed "
+                    f"from one layer on, or all layers but every N-th); use a regular pattern")
 
 
 def _measure(shapes: dict[str, tuple], where: dict[str, str]) -> tuple[dict, dict]:
@@ -658,12 +849,41 @@ def _resolve_heads(values: dict, where_q: str) -> None:
 # --- the registry ----------------------------------------------------------------------------------------------------
 
 
+# Keys a child descriptor never inherits from the one it extends: they say which family it is.
+_NOT_INHERITED = ("name", "title", "detect", "architectures")
+
+
+def _merged(child: dict, parent: dict) -> dict:
+    """``parent`` deep-merged with ``child``: tables merge key by key, anything else (lists too) the child replaces."""
+    out = copy.deepcopy(parent)
+    for key, value in child.items():
+        out[key] = _merged(value, out[key]) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def _descriptor_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A descriptor file's data; with ``extends = "other"`` it starts from ``other.toml`` beside it (deep-merged,
+    without the parent's name, title, [detect] and [[architectures]])."""
+    if path in seen:
+        raise ValueError(f"{path}: descriptors extend each other in a cycle")
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    parent_path = path.with_name(f"{parent_name}.toml")
+    if not parent_path.is_file():
+        raise ValueError(f"{path}: extends {parent_name!r}, but {parent_path.name} does not exist")
+    parent = _descriptor_data(parent_path, seen + (path,))
+    return _merged(data, {k: v for k, v in parent.items() if k not in _NOT_INHERITED})
+
+
 @lru_cache(maxsize=None)
 def load_descriptors() -> dict[str, Descriptor]:
     out = {}
     for path in sorted(data_dir("architectures").glob("*.toml")):
-        with open(path, "rb") as f:
-            d = Descriptor(tomllib.load(f), path)
+        d = Descriptor(_descriptor_data(path), path)
         out[d.name] = d
     return out
 
@@ -679,7 +899,12 @@ def detect_family(config: dict, keys: list[str], where: str) -> Descriptor:
     scored = sorted(((d.detect_score(config, keys), d.name) for d in load_descriptors().values()), reverse=True)
     if not scored or scored[0][0] == 0:
         what = config.get("model_type") or config.get("architecture") or (config.get("architectures") or [None])[0]
-        hint = f"model_type {what!r}" if what else "its config and tensor names"
-        raise LigoError(f"{where}: unknown family ({hint} match no descriptor); known families: "
-                        f"{', '.join(sorted(load_descriptors()))} — pass --family to choose one")
+        what = f"model_type {what!r}" if what else "its config and tensor names"
+        closest = ""
+        if keys:
+            from .unknown import closest_family, hint
+
+            closest = "; " + hint(closest_family(config, keys))
+        raise UnknownFamily(f"{where}: unknown family ({what} match no descriptor){closest}; known families: "
+                            f"{', '.join(sorted(load_descriptors()))} — pass --family to choose one", config, keys)
     return load_descriptors()[scored[0][1]]

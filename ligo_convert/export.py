@@ -8,7 +8,8 @@ spec alone:
 * ``spec.input == "patches"``: ``pixel_values`` (float32, batch × channels × image × image; the image size is fixed
   by the patch grid); token models: ``input_ids``, ``attention_mask`` and, when the spec has token types,
   ``token_type_ids`` (int64, batch × sequence).
-* ``logits`` when the spec has a head; otherwise ``last_hidden_state`` and, with a pooler, ``pooler_output``.
+* ``logits`` when the spec has a head; otherwise ``last_hidden_state``, with a pooler or a pooled token
+  ``pooler_output``, and with a projection ``image_embeds`` / ``text_embeds``.
 
 Validation is always on: the written file is run with onnxruntime (CPU provider; also the CUDA provider when
 onnxruntime-gpu and a GPU are there) at several input shapes — batch 1, a batch and a sequence length not used at
@@ -124,11 +125,14 @@ def output_keys(spec: Spec) -> list[str]:
     """Keys of :func:`forward`'s result that the ONNX model returns, in order."""
     if spec.head != "none":
         return ["logits"]
-    return ["hidden"] + (["pooled"] if spec.pooler else [])
+    pooled = spec.pooler or spec.pool != "none"
+    return ["hidden"] + (["pooled"] if pooled else []) + (["embeds"] if spec.projection else [])
 
 
 def output_names(spec: Spec) -> list[str]:
-    return [_OUTPUTS[k] for k in output_keys(spec)]
+    # projected embeddings are named by modality, as transformers names them (image_embeds / text_embeds)
+    embeds = "image_embeds" if spec.input == "patches" else "text_embeds"
+    return [embeds if k == "embeds" else _OUTPUTS[k] for k in output_keys(spec)]
 
 
 def max_sequence(spec: Spec) -> int | None:

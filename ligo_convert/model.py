@@ -70,6 +70,8 @@ def activation(name: str, x: Tensor) -> Tensor:
         return F.silu(x)
     if name == "relu":
         return F.relu(x)
+    if name == "quick_gelu":  # CLIP: x * sigmoid(1.702 x)
+        return x * torch.sigmoid(1.702 * x)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -79,6 +81,8 @@ def norm(spec: Spec, w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+        if spec.norm_offset:  # Gemma: the gain (offset + weight) applies in fp32, before the cast
+            return (x32 * (spec.norm_offset + weight.float())).to(dtype)
         return weight * x32.to(dtype)
     return F.layer_norm(x, (x.shape[-1],), weight, w.get(prefix + ".bias"), spec.norm_eps)
 
@@ -95,20 +99,22 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary(spec: Spec, seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape (T, head_dim) in the rotate-half layout: dims i and i + head_dim/2 form a pair."""
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, device=device, dtype=torch.int64)
-                                          .float() / spec.head_dim))
+def rotary(spec: Spec, seq_len: int, device, dtype, theta: float | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (T, rotary_dim) in the rotate-half layout: dims i and i + rotary_dim/2 form a pair."""
+    dim, theta = spec.rotary_dim, theta or spec.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None, token_type_ids=None) -> Tensor:
+def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None, token_type_ids=None,
+          attention_mask=None) -> Tensor:
     if spec.input == "patches":
         patch = w["embed.patch.weight"]
-        x = F.conv2d(pixel_values.to(patch.dtype), patch, w["embed.patch.bias"], stride=spec.patch_size)
+        x = F.conv2d(pixel_values.to(patch.dtype), patch, w.get("embed.patch.bias"), stride=spec.patch_size)
+        grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         batch = x.shape[0]
         prefix = []
@@ -118,12 +124,18 @@ def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None
             prefix.append(w["embed.dist"].expand(batch, 1, -1))
         x = torch.cat(prefix + [x], dim=1)
         if spec.positions == "learned":
-            x = x + w["embed.positions"][: x.shape[1]]
+            x = x + patch_positions(spec, w["embed.positions"], grid, x.shape[1])
     else:
         x = rows(w["embed.tokens"], input_ids)
+        if spec.embed_scale:  # Gemma: sqrt(width) as a number of the model's dtype
+            x = x * torch.tensor(spec.width ** 0.5, dtype=x.dtype)
         if spec.positions == "learned":
             seq = input_ids.shape[1]
-            if spec.position_offset and spec.pad_token_id is not None:
+            if spec.positions_from_mask:
+                # positions count the attended tokens before each one (padding gets -1) (OPT's scheme)
+                mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+                position_ids = (torch.cumsum(mask, dim=1) * mask - 1).to(torch.int64) + spec.position_offset
+            elif spec.position_offset and spec.pad_token_id is not None:
                 # positions count real tokens only and start after the padding id (RoBERTa's scheme)
                 real = (input_ids != spec.pad_token_id).to(torch.int64)
                 position_ids = torch.cumsum(real, dim=1) * real + spec.pad_token_id
@@ -139,11 +151,41 @@ def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None
     return x
 
 
+def patch_positions(spec: Spec, table: Tensor, grid: tuple[int, int], seq: int) -> Tensor:
+    """The position rows for a patch grid of ``grid`` (rows, columns): the table's own rows where the grid is the
+    table's square one; else, with ``interpolate_positions``, the patch rows resampled bicubically in float32 (the
+    prefix tokens' rows kept), as DINOv2's interpolate_pos_encoding; without it, the first ``seq`` rows."""
+    prefix = spec.prefix_tokens
+    side = math.isqrt(table.shape[0] - prefix)
+    if not spec.interpolate_positions or tuple(grid) == (side, side):
+        return table[:seq]
+    dim = table.shape[-1]
+    rows = table[prefix:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    rows = F.interpolate(rows.float(), size=grid, mode="bicubic", align_corners=False).to(table.dtype)
+    return torch.cat([table[:prefix], rows.permute(0, 2, 3, 1).reshape(-1, dim)], dim=0)
+
+
+class Context(NamedTuple):
+    """What every block needs besides its input: the attention bias and rotary cos/sin, for full-attention layers
+    and for sliding-window layers (None where the model has none)."""
+
+    bias: Tensor | str | None
+    rope: tuple[Tensor, Tensor] | None
+    window_bias: Tensor | None = None
+    window_rope: tuple[Tensor, Tensor] | None = None
+
+    def of(self, spec: Spec, layer: int) -> tuple[Tensor | str | None, tuple | None]:
+        if spec.windowed(layer):
+            return self.window_bias, self.window_rope
+        return self.bias, self.rope
+
+
 def attention_bias(spec: Spec, attention_mask, batch: int, seq: int, device, dtype,
-                   impl: str = "explicit") -> Tensor | str | None:
-    """Additive bias (B or 1, 1, T, T): padding keys and, for causal models, future keys get the dtype's minimum.
-    For ``impl="sdpa"``, a causal model without padding gets the string ``"causal"`` instead (the kernel masks)."""
-    if impl == "sdpa" and spec.causal and (attention_mask is None or not _has_padding(attention_mask)):
+                   impl: str = "explicit", window: int = 0) -> Tensor | str | None:
+    """Additive bias (B or 1, 1, T, T): padding keys, for causal models future keys and, with a ``window``, keys
+    ``window`` or more places back get the dtype's minimum.  For ``impl="sdpa"``, a causal model without padding
+    or window gets the string ``"causal"`` instead (the kernel masks)."""
+    if impl == "sdpa" and spec.causal and not window and (attention_mask is None or not _has_padding(attention_mask)):
         return "causal"
     blocked = None
     if attention_mask is not None:
@@ -151,6 +193,9 @@ def attention_bias(spec: Spec, attention_mask, batch: int, seq: int, device, dty
     if spec.causal:
         future = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)[None, None]
         blocked = future if blocked is None else (blocked | future)
+    if window:
+        far = torch.ones(seq, seq, dtype=torch.bool, device=device).tril(-window)[None, None]
+        blocked = far if blocked is None else (blocked | far)
     if blocked is None:
         return None
     return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
@@ -162,16 +207,36 @@ def _has_padding(attention_mask: Tensor) -> bool:
     return not bool(attention_mask.all())
 
 
+def project_heads(spec: Spec, w: Mapping[str, Tensor], p: str, which: str, x: Tensor, heads: int) -> Tensor:
+    """q or k (or v) of (B, T, D) as (B, heads, T, head_dim), with the q/k norm the spec has."""
+    batch, seq, _ = x.shape
+    y = linear(w, p + which, x)
+    if spec.qk_norm == "proj" and which in ("q", "k"):  # OLMo 2: over the whole projection, before the split
+        y = norm(spec, w, p + which + "_proj_norm", y)
+    y = y.view(batch, seq, heads, spec.head_dim)
+    if spec.qk_norm == "head" and which in ("q", "k"):  # Qwen3, Gemma 3: every head by the same head_dim norm
+        y = norm(spec, w, p + which + "_norm", y)
+    return y.transpose(1, 2)
+
+
+def rotate(spec: Spec, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotary positions on the first rotary_dim dims of every head; the rest pass (partial rotary: GPT-NeoX)."""
+    cos, sin = rope
+    dim = spec.rotary_dim
+    if dim == spec.head_dim:
+        return x * cos + rotate_half(x) * sin
+    turned, rest = x[..., :dim], x[..., dim:]
+    return torch.cat((turned * cos + rotate_half(turned) * sin, rest), dim=-1)
+
+
 def attention(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor, bias, rope, impl: str = "sdpa") -> Tensor:
     batch, seq, _ = x.shape
-    q = linear(w, p + "q", x).view(batch, seq, spec.heads, spec.head_dim).transpose(1, 2)
-    k = linear(w, p + "k", x).view(batch, seq, spec.kv_heads, spec.head_dim).transpose(1, 2)
-    v = linear(w, p + "v", x).view(batch, seq, spec.kv_heads, spec.head_dim).transpose(1, 2)
+    q = project_heads(spec, w, p, "q", x, spec.heads)
+    k = project_heads(spec, w, p, "k", x, spec.kv_heads)
+    v = project_heads(spec, w, p, "v", x, spec.kv_heads)
     if rope is not None:
-        cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-    if impl == "sdpa":
+        q, k = rotate(spec, q, rope), rotate(spec, k, rope)
+    if impl == "sdpa" and not spec.attn_softcap:  # soft-capped scores have no fused kernel
         out = sdpa(spec, q, k, v, bias)
     else:
         out = explicit_attention(spec, q, k, v, bias)
@@ -182,8 +247,13 @@ def sdpa(spec: Spec, q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
     """PyTorch's fused attention.  A purely causal mask goes as ``is_causal`` (flash kernels take it); padding goes
     as the same additive bias the explicit form adds, so fully masked rows come out exactly as there."""
     causal_only = isinstance(bias, str)
+    scale = spec.score_scale_dim ** -0.5 if spec.score_scale_dim else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal_only else bias, is_causal=causal_only,
-                                          enable_gqa=spec.kv_heads != spec.heads)
+                                          scale=scale, enable_gqa=spec.kv_heads != spec.heads)
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    return torch.tanh(x / cap) * cap
 
 
 def explicit_attention(spec: Spec, q: Tensor, k: Tensor, v: Tensor, bias) -> Tensor:
@@ -192,7 +262,12 @@ def explicit_attention(spec: Spec, q: Tensor, k: Tensor, v: Tensor, bias) -> Ten
         repeat = spec.heads // spec.kv_heads
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(spec.head_dim)
+    if spec.score_scale_dim:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * spec.score_scale_dim ** -0.5
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(spec.head_dim)
+    if spec.attn_softcap:
+        scores = softcap(scores, spec.attn_softcap)
     if isinstance(bias, str):  # "causal": build the mask the fused path leaves to its kernel
         bias = causal_bias(q.shape[-2], q.device, scores.dtype)
     if bias is not None:
@@ -208,19 +283,47 @@ def causal_bias(seq: int, device, dtype) -> Tensor:
 
 def mlp(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor) -> Tensor:
     if spec.gated_mlp:
-        hidden = activation(spec.activation, linear(w, p + "gate", x)) * linear(w, p + "fc1", x)
+        gate = activation(spec.gate_activation or spec.activation, linear(w, p + "gate", x))
+        hidden = gate * linear(w, p + "fc1", x)
     else:
         hidden = activation(spec.activation, linear(w, p + "fc1", x))
     return linear(w, p + "fc2", hidden)
 
 
-def block(spec: Spec, w: Mapping[str, Tensor], i: int, x: Tensor, bias, rope, impl: str = "sdpa") -> Tensor:
+def block(spec: Spec, w: Mapping[str, Tensor], i: int, x: Tensor, ctx: Context, impl: str = "sdpa") -> Tensor:
     p = f"layers.{i}."
-    if spec.norm_placement == "pre":
-        x = x + attention(spec, w, p, norm(spec, w, p + "attn_norm", x), bias, rope, impl)
-        return x + mlp(spec, w, p, norm(spec, w, p + "mlp_norm", x))
-    x = norm(spec, w, p + "attn_norm", x + attention(spec, w, p, x, bias, rope, impl))
-    return norm(spec, w, p + "mlp_norm", x + mlp(spec, w, p, x))
+    bias, rope = ctx.of(spec, i)
+
+    def attn(h):
+        return attention(spec, w, p, h, bias, rope, impl)
+
+    def ffn(h):
+        return mlp(spec, w, p, h)
+
+    placement = spec.norm_placement
+    if placement == "post":
+        x = norm(spec, w, p + "attn_norm", x + attn(x))
+        return norm(spec, w, p + "mlp_norm", x + ffn(x))
+    if spec.parallel_residual:  # GPT-NeoX: both sublayers read the block's input
+        return ffn(norm(spec, w, p + "mlp_norm", x)) + attn(norm(spec, w, p + "attn_norm", x)) + x
+    x = x + sublayer_output(spec, w, p, "attn", attn)(x)
+    return x + sublayer_output(spec, w, p, "mlp", ffn)(x)
+
+
+def sublayer_output(spec: Spec, w: Mapping[str, Tensor], p: str, which: str, sublayer: Callable) -> Callable:
+    """What a pre-, sandwich- or output-norm block adds to the residual stream for one sublayer: its input norm
+    (pre, sandwich), the sublayer, its output norm (sandwich, output), its LayerScale gain."""
+    def run(x):
+        if spec.norm_placement != "output":
+            x = norm(spec, w, p + which + "_norm", x)
+        y = sublayer(x)
+        if spec.norm_placement in ("sandwich", "output"):
+            y = norm(spec, w, p + which + "_out_norm", y)
+        if spec.layer_scale:
+            y = y * w[p + which + "_scale"]
+        return y
+
+    return run
 
 
 def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
@@ -237,16 +340,16 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
     a loss can decode only the predicted places, a chunk at a time (``objectives.task_terms``)."""
     if attention not in ATTENTION:
         raise ValueError(f"unknown attention {attention!r} (known: {', '.join(ATTENTION)})")
-    x, bias, rope = start(spec, w, input_ids, pixel_values, attention_mask, token_type_ids, attention)
+    x, ctx = start(spec, w, input_ids, pixel_values, attention_mask, token_type_ids, attention)
     for i in range(spec.layers):
         def run_block(x, i=i):
-            return block(spec, layer_weights(i) if layer_weights else w, i, x, bias, rope, attention)
+            return block(spec, layer_weights(i) if layer_weights else w, i, x, ctx, attention)
 
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(run_block, x, use_reentrant=False)
         else:
             x = run_block(x)
-    return finish(spec, w, x, lazy_logits)
+    return finish(spec, w, x, lazy_logits, input_ids)
 
 
 def forward_many(spec: Spec, w: Mapping[str, Tensor], batches: list[dict],
@@ -257,31 +360,49 @@ def forward_many(spec: Spec, w: Mapping[str, Tensor], batches: list[dict],
     states = [start(spec, w, **inputs, attention=attention) for inputs in batches]
     for i in range(spec.layers):
         wi = layer_weights(i)
-        states = [(block(spec, wi, i, x, bias, rope, attention), bias, rope) for x, bias, rope in states]
-    return [finish(spec, w, x, lazy_logits) for x, _, _ in states]
+        states = [(block(spec, wi, i, x, ctx, attention), ctx) for x, ctx in states]
+    return [finish(spec, w, x, lazy_logits, inputs.get("input_ids")) for (x, _), inputs in zip(states, batches)]
 
 
 def start(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None, attention_mask=None,
-          token_type_ids=None, attention: str = "sdpa") -> tuple[Tensor, Tensor | str | None, tuple | None]:
-    """The embedded input and what every block needs with it: (x, attention bias, rotary cos/sin)."""
-    x = embed(spec, w, input_ids, pixel_values, token_type_ids)
+          token_type_ids=None, attention: str = "sdpa") -> tuple[Tensor, Context]:
+    """The embedded input and what every block needs with it (attention biases, rotary cos/sin)."""
+    x = embed(spec, w, input_ids, pixel_values, token_type_ids, attention_mask)
     batch, seq, _ = x.shape
     if spec.input == "patches":
         attention_mask = None  # every patch is real
-    bias = attention_bias(spec, attention_mask, batch, seq, x.device, x.dtype, attention)
-    rope = rotary(spec, seq, x.device, x.dtype) if spec.positions == "rotary" else None
-    return x, bias, rope
+    rotary_positions = spec.positions == "rotary"
+    ctx = Context(attention_bias(spec, attention_mask, batch, seq, x.device, x.dtype, attention),
+                  rotary(spec, seq, x.device, x.dtype) if rotary_positions else None)
+    if any(spec.windowed(i) for i in range(spec.layers)):
+        ctx = ctx._replace(
+            window_bias=attention_bias(spec, attention_mask, batch, seq, x.device, x.dtype, attention,
+                                       spec.sliding_window),
+            window_rope=rotary(spec, seq, x.device, x.dtype, spec.rope_local_theta) if rotary_positions else None)
+    return x, ctx
 
 
-def finish(spec: Spec, w: Mapping[str, Tensor], x: Tensor, lazy_logits: bool = False) -> dict[str, Tensor]:
-    """The final norm and the heads on the last block's output."""
+def finish(spec: Spec, w: Mapping[str, Tensor], x: Tensor, lazy_logits: bool = False,
+           input_ids: Tensor | None = None) -> dict[str, Tensor]:
+    """The final norm and the heads on the last block's output (``input_ids``: for pooling at a token)."""
     if spec.final_norm:
         x = norm(spec, w, "final_norm", x)
     out = {"hidden": x}
     if spec.pooler:
         out["pooled"] = torch.tanh(linear(w, "pooler", x[:, 0]))
+    if spec.pool != "none":
+        pooled = pooled_token(spec, x, input_ids)
+        if spec.pool_norm:  # CLIP vision: a norm on the pooled token only
+            pooled = norm(spec, w, "pool_norm", pooled)
+        out["pooled"] = pooled
+        if spec.projection:
+            out["embeds"] = F.linear(pooled, w["proj.weight"])
     if spec.head == "classifier":
-        logits = linear(w, "head", x[:, 0])
+        if spec.head_mean:  # DINOv2: one linear layer on [class token; mean of the patch tokens]
+            features = torch.cat([x[:, 0], x[:, spec.prefix_tokens:].mean(dim=1)], dim=-1)
+            logits = F.linear(features, torch.cat([w["head.weight"], w["head_mean.weight"]], dim=1), w["head.bias"])
+        else:
+            logits = linear(w, "head", x[:, 0])
         if spec.dist_head:  # DeiT with teacher: the prediction is the mean of the cls and distillation heads
             logits = (logits + linear(w, "head_dist", x[:, 1])) / 2
         out["logits"] = logits
@@ -296,6 +417,19 @@ def finish(spec: Spec, w: Mapping[str, Tensor], x: Tensor, lazy_logits: bool = F
     return out
 
 
+def pooled_token(spec: Spec, x: Tensor, input_ids: Tensor | None) -> Tensor:
+    """(B, D): the first token, or for ``pool="eos"`` the first place of ``pool_token_id`` in each row (with
+    pool_token_id -1: the place of the row's highest id, the end-of-text token of CLIP's original vocabulary)."""
+    if spec.pool == "first":
+        return x[:, 0]
+    if input_ids is None:
+        raise ValueError("pooling at the end-of-text token needs input_ids")
+    ids = input_ids.to(torch.int32)  # ONNX's ArgMax takes no int64
+    hits = ids if spec.pool_token_id < 0 else (ids == spec.pool_token_id).to(torch.int32)
+    where = hits.argmax(dim=-1)
+    return x.gather(1, where[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+
+
 def decoder(spec: Spec, w: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
     """The LM/MLM head as a function of hidden states (any leading shape) to vocabulary logits."""
     table = w["embed.tokens"] if spec.tie_embeddings else w["lm_head.weight"]
@@ -305,7 +439,8 @@ def decoder(spec: Spec, w: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
             if spec.mlm_transform:
                 h = norm(spec, w, "mlm.norm", activation(spec.activation, linear(w, "mlm.dense", h)))
             return project(h, table, w["mlm.bias"])
-        return project(h, table)
+        logits = project(h, table)
+        return softcap(logits, spec.final_softcap) if spec.final_softcap else logits
 
     return decode
 
@@ -318,7 +453,9 @@ def init_weights(spec: Spec, seed: int = 0, std: float = 0.02, dtype=torch.float
         shape = spec.shape_of(name)
         if name.endswith(".bias") or name == "mlm.bias":
             t = torch.zeros(shape)
-        elif "norm" in name:
+        elif "norm" in name:  # unit gain: with an offset (Gemma) the stored weight is gain - offset
+            t = torch.full(shape, 1.0 - spec.norm_offset)
+        elif name.endswith(("attn_scale", "mlp_scale")):  # LayerScale starts as the identity
             t = torch.ones(shape)
         else:
             t = torch.randn(shape, generator=g) * std

@@ -21,10 +21,19 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     "embed.patch.bias": ("residual",),
     "embed.cls": ("one", "residual"),
     "embed.dist": ("one", "residual"),
+    # DINOv2's mask token: a residual-stream vector that replaces masked patches in masked-image pretraining; kept
+    # (and grown) with the model, unused by the forward, which takes no patch mask
+    "embed.mask": ("residual",),
     "embed.norm.weight": ("residual",),
     "embed.norm.bias": ("residual",),
     "layers.{i}.attn_norm.weight": ("residual",),
     "layers.{i}.attn_norm.bias": ("residual",),
+    # q/k norms: per head (one head_dim vector shared by every head: Qwen3, Gemma 3) or over the whole projection
+    # (OLMo 2); head_dim never grows, so a per-head norm is only mixed in depth
+    "layers.{i}.q_norm.weight": ("head_dim",),
+    "layers.{i}.k_norm.weight": ("head_dim",),
+    "layers.{i}.q_proj_norm.weight": ("q",),
+    "layers.{i}.k_proj_norm.weight": ("k",),
     "layers.{i}.q.weight": ("q", "residual"),
     "layers.{i}.q.bias": ("q",),
     "layers.{i}.k.weight": ("k", "residual"),
@@ -35,6 +44,12 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     # attention it lines up with v[i] channel for channel; with GQA v[i] is smaller (kv_heads x head_dim).
     "layers.{i}.o.weight": ("residual", "o"),
     "layers.{i}.o.bias": ("residual",),
+    # norms on a sublayer's output before the residual add (Gemma 2/3 "sandwich", OLMo 2 "output" placement)
+    "layers.{i}.attn_out_norm.weight": ("residual",),
+    "layers.{i}.attn_out_norm.bias": ("residual",),
+    # LayerScale: a per-channel gain on each sublayer's output (DINOv2)
+    "layers.{i}.attn_scale": ("residual",),
+    "layers.{i}.mlp_scale": ("residual",),
     "layers.{i}.mlp_norm.weight": ("residual",),
     "layers.{i}.mlp_norm.bias": ("residual",),
     "layers.{i}.fc1.weight": ("mlp", "residual"),
@@ -43,12 +58,23 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     "layers.{i}.gate.bias": ("mlp",),
     "layers.{i}.fc2.weight": ("residual", "mlp"),
     "layers.{i}.fc2.bias": ("residual",),
+    "layers.{i}.mlp_out_norm.weight": ("residual",),
+    "layers.{i}.mlp_out_norm.bias": ("residual",),
     "final_norm.weight": ("residual",),
     "final_norm.bias": ("residual",),
     "pooler.weight": ("residual", "residual"),
     "pooler.bias": ("residual",),
+    # a norm on the pooled token only, not on the last hidden states (CLIP's vision post_layernorm)
+    "pool_norm.weight": ("residual",),
+    "pool_norm.bias": ("residual",),
+    # a projection of the pooled token into a fixed-size embedding space (CLIP's visual / text projections): the
+    # projection space is fixed by what the embeddings are compared with, so it never grows
+    "proj.weight": ("projection", "residual"),
     "head.weight": ("classes", "residual"),
     "head.bias": ("classes",),
+    # the classifier's columns that read the mean of the patch tokens (DINOv2: logits = W [cls; mean] + b, one
+    # (classes, 2 x width) tensor on disk): both halves live in the residual space
+    "head_mean.weight": ("classes", "residual"),
     "head_dist.weight": ("classes", "residual"),
     "head_dist.bias": ("classes",),
     "mlm.dense.weight": ("residual", "residual"),
@@ -96,9 +122,12 @@ def module_of(name: str) -> str:
     return pattern[len("layers.{i}."):] if layer is not None else pattern
 
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "quick_gelu")
 NORMS = ("layernorm", "rmsnorm")
+PLACEMENTS = ("pre", "post", "sandwich", "output")
+QK_NORMS = ("none", "head", "proj")
 HEADS = ("none", "classifier", "mlm", "lm")
+POOLS = ("none", "first", "eos")
 
 
 @dataclass
@@ -112,30 +141,53 @@ class Spec:
     mlp: int
     kv_heads: int = 0  # 0 -> same as heads
     gated_mlp: bool = False
+    gate_activation: str = ""  # the gate's activation in a gated MLP, where it is not ``activation`` (DINOv2: silu)
     activation: str = "gelu"
     norm: str = "layernorm"
     norm_eps: float = 1e-12
-    norm_placement: str = "pre"  # "pre" (norm, sublayer, add) or "post" (sublayer, add, norm)
+    # "pre" (norm, sublayer, add), "post" (sublayer, add, norm), "sandwich" (norm, sublayer, norm, add) or "output"
+    # (sublayer, norm, add)
+    norm_placement: str = "pre"
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
     embed_norm: bool = False
     final_norm: bool = True
+    parallel_residual: bool = False  # x + attn(attn_norm(x)) + mlp(mlp_norm(x)) (GPT-NeoX)
+    layer_scale: bool = False  # attn_scale / mlp_scale gains on the sublayer outputs
     # token input
     input: str = "tokens"  # "tokens" or "patches"
+    embed_scale: bool = False  # token embeddings multiplied by sqrt(width), rounded to the model's dtype (Gemma)
     vocab_size: int = 0
     type_vocab_size: int = 0
     # positions
     positions: str = "learned"  # "learned", "rotary" or "none"
     max_positions: int = 0  # rows of the learned table for text models
     position_offset: int = 0  # first position id (RoBERTa: pad_token_id + 1)
+    positions_from_mask: bool = False  # position ids count the attended tokens before each one (OPT)
     pad_token_id: int | None = None  # with a position offset: padding tokens keep position pad_token_id
     rope_theta: float = 10000.0
+    rope_local_theta: float = 0.0  # rotary base of windowed layers (Gemma 3); 0: rope_theta
+    rotary_fraction: float = 1.0  # rotary positions turn the first int(head_dim * fraction) dims of a head
     # patch input
     image_size: int = 0
     patch_size: int = 0
     num_channels: int = 0
     cls_token: bool = False
     dist_token: bool = False
+    patch_bias: bool = True  # the patch embedding has a bias (CLIP's has none)
+    mask_token: bool = False  # embed.mask: DINOv2's mask token (carried, unused by the forward)
+    # images of another size than image_size resample the patch rows of the position table (bicubic, as DINOv2)
+    interpolate_positions: bool = False
     # attention
     causal: bool = False
+    qk_norm: str = "none"  # "none", "head" (q_norm/k_norm over head_dim) or "proj" (over the whole q/k width)
+    score_scale_dim: float = 0.0  # scores are divided by sqrt(this); 0: head_dim (Gemma 2: query_pre_attn_scalar)
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) (Gemma 2); 0: none
+    # sliding-window attention: a windowed layer's query i sees keys j with i - window < j <= i.  Layer i is windowed
+    # when sliding_window > 0, i >= window_start and (window_period == 0 or (i + 1) % window_period != 0): every
+    # layer (Mistral), from a layer on (Qwen2's max_window_layers), or all but every period-th (Gemma 2/3)
+    sliding_window: int = 0
+    window_start: int = 0
+    window_period: int = 0
     qkv_bias: bool = True
     o_bias: bool = True
     mlp_bias: bool = True
@@ -147,6 +199,15 @@ class Spec:
     pair_head: bool = False  # BERT's next-sentence head, on the pooled output
     tie_embeddings: bool = False  # lm/mlm decoder is embed.tokens
     mlm_transform: bool = True  # mlm head has dense + act + norm before the decoder
+    final_softcap: float = 0.0  # LM logits -> cap * tanh(logits / cap) (Gemma 2); 0: none
+    # the pooled output without a dense pooler: "none", "first" (the first token: DINOv2, CLIP vision) or "eos" (the
+    # first place of pool_token_id in each row, or with pool_token_id -1 the place of the row's highest id: CLIP text)
+    pool: str = "none"
+    pool_token_id: int = -1
+    pool_norm: bool = False  # pool_norm on the pooled token (CLIP vision's post_layernorm)
+    head_mean: bool = False  # the classifier also reads the mean of the patch tokens (DINOv2): head_mean.weight
+    projection: bool = False  # proj.weight: the pooled output projected to projection_dim ("embeds"; CLIP)
+    projection_dim: int = 0
     labels: list[str] | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -165,6 +226,16 @@ class Spec:
             return (self.image_size // self.patch_size) ** 2 + self.prefix_tokens
         return self.max_positions
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head the rotary positions turn."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer ``layer`` attends within the sliding window."""
+        return (self.sliding_window > 0 and layer >= self.window_start
+                and (self.window_period == 0 or (layer + 1) % self.window_period != 0))
+
     def space_size(self, space: str) -> int:
         kind = space_kind(space)
         return {
@@ -182,6 +253,8 @@ class Spec:
             "channels": self.num_channels,
             "patch": self.patch_size,
             "one": 1,
+            "projection": self.projection_dim,
+            "head_dim": self.head_dim,
         }[kind]
 
     def shape_of(self, name: str) -> tuple[int, ...]:
@@ -203,7 +276,11 @@ class Spec:
             if self.type_vocab_size:
                 names.append("embed.types")
         else:
-            names += ["embed.patch.weight", "embed.patch.bias"]
+            names.append("embed.patch.weight")
+            if self.patch_bias:
+                names.append("embed.patch.bias")
+            if self.mask_token:
+                names.append("embed.mask")
             if self.cls_token:
                 names.append("embed.cls")
             if self.dist_token:
@@ -214,26 +291,48 @@ class Spec:
             norm("embed.norm")
         for i in range(self.layers):
             p = f"layers.{i}."
-            norm(p + "attn_norm")
+            in_norms = self.norm_placement != "output"  # pre/post/sandwich have attn_norm and mlp_norm
+            out_norms = self.norm_placement in ("sandwich", "output")
+            if in_norms:
+                norm(p + "attn_norm")
             for m in ("q", "k", "v"):
                 names.append(p + m + ".weight")
                 if self.qkv_bias:
                     names.append(p + m + ".bias")
+            if self.qk_norm == "head":
+                names += [p + "q_norm.weight", p + "k_norm.weight"]
+            elif self.qk_norm == "proj":
+                names += [p + "q_proj_norm.weight", p + "k_proj_norm.weight"]
             names.append(p + "o.weight")
             if self.o_bias:
                 names.append(p + "o.bias")
-            norm(p + "mlp_norm")
+            if out_norms:
+                norm(p + "attn_out_norm")
+            if self.layer_scale:
+                names.append(p + "attn_scale")
+            if in_norms:
+                norm(p + "mlp_norm")
             mats = ("gate", "fc1", "fc2") if self.gated_mlp else ("fc1", "fc2")
             for m in mats:
                 names.append(p + m + ".weight")
                 if self.mlp_bias:
                     names.append(p + m + ".bias")
+            if out_norms:
+                norm(p + "mlp_out_norm")
+            if self.layer_scale:
+                names.append(p + "mlp_scale")
         if self.final_norm:
             norm("final_norm")
         if self.pooler:
             names += ["pooler.weight", "pooler.bias"]
+        if self.pool_norm:
+            norm("pool_norm")
+        if self.projection:
+            names.append("proj.weight")
         if self.head == "classifier":
             names += ["head.weight", "head.bias"]
+            if self.head_mean:
+                names.append("head_mean.weight")
             if self.dist_head:
                 names += ["head_dist.weight", "head_dist.bias"]
         elif self.head == "mlm":
@@ -273,13 +372,27 @@ class Spec:
 
     def check(self) -> None:
         """Raise ValueError on an inconsistent spec."""
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r} (known: {', '.join(ACTIVATIONS)})")
+        for act in (self.activation, self.gate_activation or self.activation):
+            if act not in ACTIVATIONS:
+                raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r} (known: {', '.join(POOLS)})")
+        if self.pool == "eos" and self.input != "tokens":
+            raise ValueError("pool 'eos' (the end-of-text token) needs token input")
+        if (self.projection or self.pool_norm) and self.pool == "none":
+            raise ValueError("a projection or pool norm needs a pooled token (pool 'first' or 'eos')")
+        if self.projection and self.projection_dim <= 0:
+            raise ValueError(f"a projection needs a positive projection_dim, not {self.projection_dim}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r} (known: {', '.join(NORMS)})")
+        if self.norm_placement not in PLACEMENTS:
+            raise ValueError(f"unknown norm placement {self.norm_placement!r} (known: {', '.join(PLACEMENTS)})")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r} (known: {', '.join(QK_NORMS)})")
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r} (known: {', '.join(HEADS)})")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if self.positions == "rotary" and self.head_dim % 2:
-            raise ValueError("rotary positions need an even head_dim")
+        if self.positions == "rotary" and (self.rotary_dim % 2 or self.rotary_dim <= 0):
+            raise ValueError(f"rotary positions need an even, positive number of rotary dims (head_dim "
+                             f"{self.head_dim} x fraction {self.rotary_fraction} = {self.rotary_dim})")

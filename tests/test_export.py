@@ -31,10 +31,53 @@ CASES = {
     "bert": ("hf-bert", "BertModel", transformers.BertConfig(**TEXT, max_position_embeddings=64), None),
     "roberta": ("hf-roberta", "RobertaForMaskedLM", transformers.RobertaConfig(**TEXT, max_position_embeddings=66),
                 None),
+    "xlm-roberta": ("xlm-roberta", "XLMRobertaForMaskedLM",
+                    transformers.XLMRobertaConfig(**TEXT, max_position_embeddings=66), None),
+    "camembert": ("camembert", "CamembertModel", transformers.CamembertConfig(**TEXT, max_position_embeddings=66),
+                  None),
+    "distilbert": ("distilbert", "DistilBertForMaskedLM",
+                   transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                                 max_position_embeddings=64), None),
     "gpt2": ("hf-gpt2", "GPT2LMHeadModel", transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4,
                                                                    n_positions=64), None),
     "llama": ("llama", "LlamaForCausalLM", transformers.LlamaConfig(**TEXT, num_key_value_heads=2,
                                                                     max_position_embeddings=64), None),
+    # per-head q/k norms, head_dim 16 on a width of 32, a window of 3 keys on layer 1
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", transformers.Qwen3Config(
+        **TEXT, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_sliding_window=True,
+        sliding_window=3, max_window_layers=1), None),
+    # fused q|k|v (unequal parts) and gate|up, rotary on half of each head, every layer windowed
+    "phi3": ("phi3", "Phi3ForCausalLM", transformers.Phi3Config(
+        **TEXT, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, partial_rotary_factor=0.5,
+        sliding_window=3), None),
+    # DINOv2: LayerScale, classifier on [cls; mean of patches] (the ONNX file takes the configured image size only);
+    # CLIP: pre-norm on the embeddings, quick_gelu, post-norm on the pooled token, causal text pooled at the highest id
+    # (eos_token_id 2).  The projection classes and headless SigLIP (no pooler_output): tests/test_family_clip.py
+    "dinov2": ("dinov2", "Dinov2ForImageClassification", transformers.Dinov2Config(**VISION), None),
+    "clip-vision": ("clip-vision", "CLIPVisionModel", transformers.CLIPVisionConfig(**VISION), None),
+    "clip-text": ("clip-text", "CLIPTextModel", transformers.CLIPTextConfig(**TEXT, max_position_embeddings=32,
+                                                                             eos_token_id=2), None),
+    # Gemma: (1 + w) norms, sqrt(width) embedding scale, multi-query; Gemma 2/3: sandwich norms, windows (5) shorter
+    # than the checked sequences, soft caps, q/k norms, a local rotary base (eager: transformers' SDPA lacks caps)
+    "gemma": ("gemma", "GemmaForCausalLM", transformers.GemmaConfig(**TEXT, num_key_value_heads=1, head_dim=16,
+                                                                    max_position_embeddings=64), None),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", transformers.Gemma2Config(
+        **TEXT, num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=12,
+        attn_logit_softcapping=5.0, final_logit_softcapping=8.0, max_position_embeddings=64,
+        attn_implementation="eager"), None),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", transformers.Gemma3TextConfig(
+        **TEXT, num_key_value_heads=2, head_dim=16, sliding_window=5,
+        sliding_window_pattern=2, rope_local_base_freq=100.0, final_logit_softcapping=8.0,
+        max_position_embeddings=64, attn_implementation="eager"), None),
+    # OLMo 2: output norms, q/k norms over the projection, GQA; GPT-NeoX: per-head fused qkv, partial rotary,
+    # parallel residual; OPT: learned positions counted from the attention mask (offset 2)
+    "olmo2": ("olmo2", "Olmo2ForCausalLM", transformers.Olmo2Config(**TEXT, num_key_value_heads=2,
+                                                                    max_position_embeddings=64), None),
+    "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", transformers.GPTNeoXConfig(**TEXT, max_position_embeddings=64,
+                                                                              rotary_pct=0.25), None),
+    "opt": ("opt", "OPTForCausalLM", transformers.OPTConfig(
+        **{k: v for k, v in TEXT.items() if k != "intermediate_size"}, ffn_dim=37, max_position_embeddings=64),
+        None),
 }
 
 

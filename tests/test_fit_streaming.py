@@ -60,7 +60,7 @@ def batch_for(spec, seed=0):
     g = torch.Generator().manual_seed(seed)
     if spec.input == "patches":
         return {"pixel_values": torch.randn(3, spec.num_channels, spec.image_size, spec.image_size, generator=g),
-                "labels": torch.randint(spec.num_classes, (3,), generator=g)}
+                "labels": torch.randint(max(spec.num_classes, 1), (3,), generator=g)}
     ids = torch.randint(spec.vocab_size - 2, (3, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding
@@ -71,10 +71,20 @@ def batch_for(spec, seed=0):
     return batch
 
 
+def objective(op, spec):
+    """(objective, teacher): the task where the model has a head; a bare tower (no head, no task loss) distils the
+    source, as grow does."""
+    if spec.head != "none":
+        return "task", None
+    source, weights = op.source, op.source_weights()
+    return "distill", lambda batch: forward(source, weights, **data_mod.model_inputs(batch))
+
+
 def loss_and_grads(op, spec, batch, stream):
     op.zero_grad(set_to_none=True)
     out = GrowingModel(op, stream)(**data_mod.model_inputs(batch))
-    total, count = loss_terms(spec, "task", out, batch)
+    kind, teacher = objective(op, spec)
+    total, count = loss_terms(spec, kind, out, batch, teacher(batch) if teacher else None)
     loss = total / count
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in op.named_parameters() if p.requires_grad}
@@ -276,8 +286,9 @@ def test_validation_makes_each_layer_once_and_gives_the_materialised_loss(family
     original = op.layer_weights
     monkeypatch.setattr(op, "layer_weights", lambda i: made.append(i) or original(i))
     cpu = torch.device("cpu")
-    layered = evaluate_loss(target, GrowingModel(op), batches, "task", None, cpu)
+    kind, teacher = objective(op, target)
+    layered = evaluate_loss(target, GrowingModel(op), batches, kind, teacher, cpu)
     assert made == list(range(target.layers))  # once per layer, not once per layer and batch
     with torch.no_grad():
-        dense = evaluate_loss(target, op(), batches, "task", None, cpu)
+        dense = evaluate_loss(target, op(), batches, kind, teacher, cpu)
     assert abs(layered - dense) <= 1e-5 * max(1.0, abs(dense))

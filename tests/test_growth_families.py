@@ -29,6 +29,13 @@ BUILDERS = {
     "hf-bert": [("BertForMaskedLM", "BertForMaskedLM", lambda: transformers.BertConfig(**TEXT), BIG, "text")],
     "hf-roberta": [("RobertaForMaskedLM", "RobertaForMaskedLM",
                     lambda: transformers.RobertaConfig(**TEXT, max_position_embeddings=66), BIG, "text")],
+    "xlm-roberta": [("XLMRobertaForMaskedLM", "XLMRobertaForMaskedLM",
+                     lambda: transformers.XLMRobertaConfig(**TEXT, max_position_embeddings=66), BIG, "text")],
+    "camembert": [("CamembertForMaskedLM", "CamembertForMaskedLM",
+                   lambda: transformers.CamembertConfig(**TEXT, max_position_embeddings=66), BIG, "text")],
+    "distilbert": [("DistilBertForMaskedLM", "DistilBertForMaskedLM",
+                    lambda: transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                                          max_position_embeddings=64), BIG, "text")],
     "hf-gpt2": [("GPT2LMHeadModel", "GPT2LMHeadModel",
                  lambda: transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                  n_inner=37, bos_token_id=0, eos_token_id=0), BIG,
@@ -49,7 +56,74 @@ BUILDERS = {
     # timm cannot be installed here: the source is an HF ViT converted to timm's layout by its descriptor
     "timm-vit": [("timm-from-ViT", "ViTForImageClassification",
                   lambda: transformers.ViTConfig(**IMAGE, layer_norm_eps=1e-6), BIG, "image")],
+    # DINOv2: mlp = width x an integer mlp_ratio (128 here -> 144 = 48 x 3); SwiGLU takes 2/3 of it in 8s (88 -> 96)
+    "dinov2": [("Dinov2ForImageClassification", "Dinov2ForImageClassification",
+                lambda: transformers.Dinov2Config(**IMAGE), dict(BIG, mlp=144), "image"),
+               ("Dinov2Model-swiglu", "Dinov2Model", lambda: transformers.Dinov2Config(**IMAGE, use_swiglu_ffn=True),
+                dict(BIG, mlp=96), "image")],
+    "clip-vision": [("CLIPVisionModelWithProjection", "CLIPVisionModelWithProjection",
+                     lambda: transformers.CLIPVisionConfig(**{**IMAGE, "intermediate_size": 37}, projection_dim=24),
+                     BIG, "image")],
+    "clip-text": [("CLIPTextModelWithProjection", "CLIPTextModelWithProjection",
+                   lambda: transformers.CLIPTextConfig(**TEXT, max_position_embeddings=32, projection_dim=24,
+                                                       eos_token_id=2), BIG, "text")],
+    "siglip-vision": [("SiglipVisionModel", "SiglipVisionModel",
+                       lambda: transformers.SiglipVisionConfig(**IMAGE, vision_use_head=False), BIG, "image")],
+    # Gemma's head_dim defaults to 256: give it.  Windows (4) shorter than the inputs (9), small soft caps.
+    "gemma": [("GemmaForCausalLM-mqa", "GemmaForCausalLM",
+               lambda: transformers.GemmaConfig(**TEXT, num_key_value_heads=1, head_dim=8,
+                                                max_position_embeddings=64), dict(BIG, kv_heads=2), "text")],
+    "gemma2": [("Gemma2ForCausalLM", "Gemma2ForCausalLM",
+                lambda: transformers.Gemma2Config(**TEXT, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                                  query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+                                                  final_logit_softcapping=8.0, max_position_embeddings=64),
+                dict(BIG, kv_heads=3), "text")],
+    "gemma3_text": [("Gemma3ForCausalLM", "Gemma3ForCausalLM",
+                     lambda: transformers.Gemma3TextConfig(**TEXT, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                                           sliding_window_pattern=2, rope_local_base_freq=100.0,
+                                                           max_position_embeddings=64), dict(BIG, kv_heads=3),
+                     "text")],
 }
+
+# OLMo 2: output norms, q/k norms over the whole projection, GQA; GPT-NeoX: fused per-head qkv, partial rotary,
+# parallel residual; OPT: positions from the mask (offset 2), pre- and post-LN
+BUILDERS["olmo2"] = [("Olmo2ForCausalLM-gqa", "Olmo2ForCausalLM",
+                      lambda: transformers.Olmo2Config(**TEXT, num_key_value_heads=2, max_position_embeddings=64),
+                      dict(BIG, kv_heads=3), "text")]
+BUILDERS["gpt_neox"] = [("GPTNeoXForCausalLM", "GPTNeoXForCausalLM",
+                         lambda: transformers.GPTNeoXConfig(**TEXT, max_position_embeddings=64, rotary_pct=0.25),
+                         BIG, "text"),
+                        ("GPTNeoXForCausalLM-sequential", "GPTNeoXForCausalLM",
+                         lambda: transformers.GPTNeoXConfig(**TEXT, max_position_embeddings=64, rotary_pct=0.5,
+                                                            use_parallel_residual=False), BIG, "text")]
+BUILDERS["opt"] = [("OPTForCausalLM", "OPTForCausalLM",
+                    lambda: transformers.OPTConfig(**{k: v for k, v in TEXT.items() if k != "intermediate_size"},
+                                                   ffn_dim=37, max_position_embeddings=64), BIG, "text"),
+                   ("OPTForCausalLM-post", "OPTForCausalLM",
+                    lambda: transformers.OPTConfig(**{k: v for k, v in TEXT.items() if k != "intermediate_size"},
+                                                   ffn_dim=37, max_position_embeddings=64, do_layer_norm_before=False),
+                    BIG, "text")]
+
+# Qwen3: per-head q/k norms, head_dim 16 apart from width / heads, windows (3 keys, shorter than the inputs' 9) from
+# layer 1 on; Phi-3: fused q|k|v (unequal parts) and gate|up, rotary on half of each head, every layer windowed;
+# Mistral / Qwen2 (llama.toml): their windows
+BUILDERS["qwen3"] = [("Qwen3ForCausalLM-window", "Qwen3ForCausalLM",
+                      lambda: transformers.Qwen3Config(**TEXT, num_key_value_heads=2, head_dim=16,
+                                                       max_position_embeddings=64, use_sliding_window=True,
+                                                       sliding_window=3, max_window_layers=1),
+                      dict(BIG, kv_heads=3), "text")]
+BUILDERS["phi3"] = [("Phi3ForCausalLM-window", "Phi3ForCausalLM",
+                     lambda: transformers.Phi3Config(**TEXT, num_key_value_heads=2, max_position_embeddings=64,
+                                                     pad_token_id=0, partial_rotary_factor=0.5, sliding_window=3),
+                     dict(BIG, kv_heads=3), "text")]
+BUILDERS["llama"] = BUILDERS["llama"] + [
+    ("mistral-window", "MistralForCausalLM",
+     lambda: transformers.MistralConfig(**TEXT, num_key_value_heads=2, max_position_embeddings=64, sliding_window=3),
+     dict(BIG, kv_heads=3), "text"),
+    ("qwen2-window", "Qwen2ForCausalLM",
+     lambda: transformers.Qwen2Config(**TEXT, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_sliding_window=True, sliding_window=3, max_window_layers=1),
+     dict(BIG, kv_heads=3), "text")]
 
 CASES = [(family, case) for family in sorted(load_descriptors()) for case in BUILDERS.get(family, [(None,) * 5])]
 

@@ -67,8 +67,9 @@ METHOD_NOTES: dict[str, str] = {
 
 # Canonical tensors looked up by index: a row is a vector of the residual stream, so that axis is written, not read.
 LOOKUPS = frozenset({"embed.tokens", "embed.positions", "embed.types", "embed.cls", "embed.dist"})
-# A block whose attention output and fc2 are zero adds nothing to the residual stream.
-ZERO_OUTPUT = ("o.weight", "o.bias", "fc2.weight", "fc2.bias")
+# A block whose attention output and fc2 are zero adds nothing to the residual stream (an output norm of zero is
+# zero once its bias is: RMSNorm has none, LayerNorm's is zeroed with them).
+ZERO_OUTPUT = ("o.weight", "o.bias", "fc2.weight", "fc2.bias", "attn_out_norm.bias", "mlp_out_norm.bias")
 # Canonical tensors that add to the residual stream (its writers).
 STREAM_WRITERS = LOOKUPS | {"embed.patch.weight", "embed.patch.bias", "layers.{i}.o.weight", "layers.{i}.o.bias",
                             "layers.{i}.fc2.weight", "layers.{i}.fc2.bias"}
@@ -203,12 +204,45 @@ def residual_mode(method: str, source: Spec, target: Spec) -> str:
         raise LigoError(f"lemon cannot widen a post-LN model losslessly from {source.width} to {target.width}: every "
                         f"norm output is the stream, and only an integer width factor keeps its statistics; choose a "
                         f"width that is a multiple of {source.width} or --method net2net (approximate)")
+    plain = _not_plain_pre_ln(source)
+    if plain:
+        raise LigoError(f"lemon's average/zero expansion (width {source.width} -> {target.width}, not a multiple) "
+                        f"scales the residual stream, which {plain} does not pass through unchanged; choose a width "
+                        f"that is a multiple of {source.width} or --method net2net (approximate)")
     if source.embed_norm or (source.head == "mlm" and source.mlm_transform) or not source.final_norm:
         raise LigoError(f"lemon's average expansion (width {source.width} -> {target.width}, not a multiple) needs "
                         f"every norm to read the residual stream and the heads to read the final norm; this model "
                         f"has an embedding norm, an MLM transform or no final norm — choose a width that is a "
                         f"multiple of {source.width}")
     return "zero" if source.norm == "rmsnorm" else "avg"
+
+
+def _not_plain_pre_ln(spec: Spec) -> str | None:
+    """What keeps a pre-LN model from LEMON's average/zero expansion (which scales the stream by sqrt(D2/D1) and
+    relies on every sublayer reading it through a norm and writing it through a plain matrix), or None."""
+    if spec.norm_placement != "pre":
+        return f"a {spec.norm_placement}-norm block"
+    if spec.layer_scale:
+        return "LayerScale"
+    if spec.embed_scale:
+        return "the sqrt(width) embedding scale"
+    return None
+
+
+def _unbalanced_heads(source: Spec, target: Spec) -> bool:
+    """q/k norms over the whole projection (OLMo 2) keep their statistics only when every head is copied equally
+    often."""
+    return source.qk_norm == "proj" and (target.heads % source.heads or target.kv_heads % source.kv_heads) != 0
+
+
+def _window_changes(method: str, source: Spec, target: Spec) -> str | None:
+    """Where a copied source layer lands on a target layer of another attention kind (full / windowed, with its own
+    rotary base), the first such layer, else None."""
+    for i, (src, zero) in enumerate(depth_map(method, source.layers, target.layers)):
+        if not zero and source.windowed(src) != target.windowed(i):
+            kind = "windowed" if target.windowed(i) else "full"
+            return f"source layer {src} lands on target layer {i}, which is {kind}"
+    return None
 
 
 def residual_growth(method: str, source: Spec, target: Spec, g: torch.Generator) -> Growth | None:
@@ -252,10 +286,17 @@ def _grow_read(x: Tensor, axis: int, gr: Growth, d2: int, random_new: bool, g: t
     return torch.cat([x, fill], axis)
 
 
-def _grow_norm(x: Tensor, pattern: str, gr: Growth, d2: int, decoder: bool, g: torch.Generator) -> Tensor:
+def _grow_norm(x: Tensor, pattern: str, gr: Growth, d2: int, decoder: bool, g: torch.Generator,
+               offset: float = 0.0, decoder_gain: float = 1.0) -> Tensor:
+    """A residual-space norm parameter grown.  Gains are scaled as gains: with an ``offset`` (Gemma stores
+    gain - 1) the stored value is rescaled around it.  ``decoder_gain``: the extra factor a tied decoder's norm
+    takes (the embedding scale's change)."""
+    if not pattern.endswith(".bias") and offset:
+        return _grow_norm(x + offset, pattern, gr, d2, decoder, g, 0.0, decoder_gain) - offset
     if gr.mode == "copy":
         out = x.index_select(0, gr.index)
-        return out * gr.split.to(x.dtype) if decoder else out  # a tied decoder sums over the copies of each channel
+        # a tied decoder sums over the copies of each channel
+        return out * (gr.split.to(x.dtype) * decoder_gain) if decoder else out
     # average/zero expansion of a stream scaled by c = sqrt(D2/D1): the old channels' normalised values grow by c,
     # so gamma shrinks by 1/c; new channels output 0 (beta 0, random gamma).  A tied decoder (the embedding, scaled
     # by c) reads the output: that norm shrinks by another 1/c.
@@ -280,13 +321,22 @@ def widen(name: str, x: Tensor, target: Spec, residual: Growth | None, own: Mapp
             continue
         d2 = target.space_size(kind)
         if kind == "residual" and _is_norm(pattern):
-            x = _grow_norm(x, pattern, gr, d2, decoder is not None and pattern.startswith(decoder + "."), g)
+            x = _grow_norm(x, pattern, gr, d2, decoder is not None and pattern.startswith(decoder + "."), g,
+                           target.norm_offset if target.norm == "rmsnorm" else 0.0, 1.0 / _embed_factor(gr, target))
         elif x.dim() >= 2 and axis == 1 and pattern not in LOOKUPS:
             random_new = not (gr.mode == "avg" and pattern in READS_UNNORMALISED)
             x = _grow_read(x, axis, gr, d2, random_new, g)
         else:
             x = _grow_written(x, axis, gr, d2, kind == "residual" and pattern in STREAM_WRITERS)
+            if kind == "residual" and pattern == "embed.tokens":
+                x = x * _embed_factor(gr, target)
     return x
+
+
+def _embed_factor(gr: Growth, target: Spec) -> float:
+    """With a sqrt(width) embedding scale (Gemma), copied embedding rows are scaled by sqrt(D1/D2) so the stream
+    keeps its values (the average/zero expansion wants the stream scaled up: LEMON is refused there)."""
+    return math.sqrt(gr.d1 / target.width) if target.embed_scale and gr.mode == "copy" else 1.0
 
 
 def _new_units_from(wide_self: Tensor, wide_above: Tensor, name: str, own: Mapping[str, Growth]) -> Tensor:
@@ -377,6 +427,15 @@ def preservation(method: str, source: Spec, target: Spec) -> tuple[bool, str]:
             raise LigoError("lemon cannot add layers to a post-LN model losslessly: a block with zero output still "
                             "renormalises the stream; use --method stack or interpolate (approximate), or grow only "
                             "the width")
+        if _unbalanced_heads(source, target):
+            raise LigoError(f"lemon cannot grow the heads {source.heads}/{source.kv_heads} -> {target.heads}/"
+                            f"{target.kv_heads} losslessly: the q/k norms over the whole projection need every head "
+                            f"copied equally often; choose head counts that are multiples of the source's")
+        moved = _window_changes(method, source, target) if deeper else None
+        if moved:
+            raise LigoError(f"lemon cannot add layers losslessly here: {moved} (the window pattern follows the layer "
+                            f"index); choose a layer count that keeps each source layer's kind, or --method stack "
+                            f"(approximate)")
         mode = residual_mode(method, source, target) if wider else "copy"
         if mode != "copy":
             return True, (f"lossless: {mode} expansion of the residual stream, scaled by sqrt({target.width}/"
@@ -390,6 +449,8 @@ def preservation(method: str, source: Spec, target: Spec) -> tuple[bool, str]:
     if wider and target.width % source.width:
         return False, (f"approximate: widening {source.width} -> {target.width} copies residual channels unequal "
                        f"numbers of times, which changes every norm's statistics")
+    if _unbalanced_heads(source, target):
+        return False, "approximate: heads copied unequal numbers of times change the q/k norms over the projection"
     if wider and _tied_without_norm(source):
         return False, "approximate: the tied decoder reads the copied residual channels without a norm to rescale"
     return True, "exact: every copied channel is read with weights summing to its original weight"

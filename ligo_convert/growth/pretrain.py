@@ -2,7 +2,8 @@
 
 ``micro_spec(family, ...)`` builds a small spec a family can hold, reading only its descriptor (which tensors it
 has, its fixed spec values, its config defaults and model classes): image families get a classifier over the 8x8
-digits, text families a causal-LM head where they have one, else a masked-LM head, over byte-level text.
+digits, text families a causal-LM head where they have one, else a masked-LM head, over byte-level text; bare towers
+whose classes have no head (CLIP's, SigLIP's) get none, with their pooled-token outputs (pool norm, projection).
 ``pretrain(spec, ...)`` trains it with the task objective and returns canonical weights.
 """
 
@@ -30,7 +31,8 @@ def micro_spec(family: str, layers: int = 2, width: int = 64, heads: int = 4, ml
                vocab_size: int = BYTE_VOCAB, max_positions: int = 128) -> Spec:
     """A small spec of ``family`` (checked with the family's descriptor)."""
     d = get_descriptor(family)
-    has = set(d.tensors) | {p for f in d.fused for p in f["parts"]}
+    has = set(d.tensors) | {p for f in d.fused for p in f["parts"]} | {c for a in d.architectures for c in a.tensors}
+    heads_offered = {a.match.get("head") for a in d.architectures} or {None}
     values: dict = {}
     for key, value in d.config_defaults.items():  # e.g. norm_eps, activation; expressions are about sizes we set
         if not isinstance(value, str) or key in ("activation", "norm", "norm_placement", "positions"):
@@ -44,17 +46,32 @@ def micro_spec(family: str, layers: int = 2, width: int = 64, heads: int = 4, ml
                        ("gated_mlp", "layers.{i}.gate.weight")):
         values.setdefault(flag, name in has)
     for flag, name in (("qkv_bias", "layers.{i}.q.bias"), ("o_bias", "layers.{i}.o.bias"),
-                       ("mlp_bias", "layers.{i}.fc1.bias")):
+                       ("mlp_bias", "layers.{i}.fc1.bias"), ("layer_scale", "layers.{i}.attn_scale")):
+        values.setdefault(flag, name in has)
+    if "layers.{i}.q_norm.weight" in has:
+        values.setdefault("qk_norm", "head")
+    elif "layers.{i}.q_proj_norm.weight" in has:
+        values.setdefault("qk_norm", "proj")
+    # the pooled-token outputs a family has (a pool norm, a projection to a fixed-size embedding space)
+    for flag, name in (("pool_norm", "pool_norm.weight"), ("projection", "proj.weight")):
         values.setdefault(flag, name in has)
     if patches:
         values.setdefault("cls_token", "embed.cls" in has)
+        values.setdefault("patch_bias", "embed.patch.bias" in has)
+        values.setdefault("mask_token", "embed.mask" in has)
+        # a family whose model classes all lack a classifier (a bare vision tower) gets none
+        classifier = "head.weight" in has and ({"classifier", None} & heads_offered)
         values.update(image_size=image_size, patch_size=patch_size, num_channels=num_channels,
-                      head="classifier", num_classes=num_classes)
+                      head="classifier" if classifier else "none", num_classes=num_classes if classifier else 0)
+        if classifier:
+            values.setdefault("head_mean", "head_mean.weight" in has)
     else:
-        heads_offered = {a.match.get("head") for a in d.architectures}
+        # an LM head where a class has one, else a masked-LM head where the family can hold one, else none (a bare
+        # text tower)
+        mlm = "mlm.bias" in has and ({"mlm", None} & heads_offered)
         values.update(vocab_size=vocab_size, max_positions=max_positions,
-                      head="lm" if "lm" in heads_offered else "mlm")
-        values["tie_embeddings"] = True
+                      head="lm" if "lm" in heads_offered else "mlm" if mlm else "none")
+        values["tie_embeddings"] = values["head"] in ("lm", "mlm")
         if values["head"] == "mlm":
             values["mlm_transform"] = "mlm.dense.weight" in has
         if "embed.types" in has:

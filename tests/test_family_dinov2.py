@@ -1,0 +1,266 @@
+"""HF DINOv2 (Dinov2Model, Dinov2ForImageClassification): our canonical forward equals transformers' at the configured
+image size and at others (the position table resampled bicubically), with LayerScale, the plain and the SwiGLU MLP, and
+the classifier on [class token; mean of the patch tokens]; files round-trip byte for byte (the mask token included),
+transformers loads what we write, every growth baseline writes a model transformers loads, and MLP sizes DINOv2's
+config cannot state are refused before anything is written."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+from ligo_convert import forward, from_tensors, init_weights, load, save
+from ligo_convert.cli import main
+from ligo_convert.descriptors import get_descriptor
+from ligo_convert.grow import grow
+from ligo_convert.growth import baselines as B
+from helpers import assert_same_files, loading_problems, max_diff, read_all
+
+BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
+
+# id -> (model class, config)
+CASES = {
+    "Dinov2Model": ("Dinov2Model", dict(BASE)),
+    "Dinov2ForImageClassification": ("Dinov2ForImageClassification", dict(BASE, num_labels=5)),
+    # SwiGLU: 2/3 of int(32 * 4) rounded up to 8 = 88 hidden units, silu gate although hidden_act is gelu
+    "swiglu-classifier": ("Dinov2ForImageClassification", dict(BASE, num_labels=3, use_swiglu_ffn=True)),
+    # no mask token, no q/k/v biases, 3 heads of 12, a ratio of 2, another activation and epsilon
+    "odd": ("Dinov2Model", dict(BASE, hidden_size=36, num_attention_heads=3, mlp_ratio=2, use_mask_token=False,
+                                qkv_bias=False, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5)),
+    "swiglu-model-patch2": ("Dinov2Model", dict(BASE, patch_size=2, image_size=8, use_swiglu_ffn=True)),
+}
+
+# Config values transformers must read back the same from what we write.
+COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "image_size",
+            "patch_size", "num_channels", "qkv_bias", "use_swiglu_ffn", "use_mask_token", "layer_norm_eps",
+            "hidden_act", "architectures", "id2label")
+
+
+def build(tmp_path, case: str, folder: str = "src"):
+    cls, config = CASES[case]
+    model = getattr(transformers, cls)(transformers.Dinov2Config(**config)).eval()
+    # transformers leaves norms at 1/0 and LayerScale at layerscale_value: randomise them so a dropped or swapped
+    # tensor shows
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "lambda1" in name or "mask_token" in name:
+                p.normal_(0.0 if name.endswith("bias") else 0.5, 0.1)
+    model.save_pretrained(tmp_path / folder)
+    return model
+
+
+def pixels(size=None, batch=2, seed=0):
+    h, w = size or (16, 16)
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(model, x) -> dict:
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    if hasattr(out, "logits"):
+        return {"logits": out.logits}
+    return {"hidden": out.last_hidden_state, "pooled": out.pooler_output}
+
+
+def image_size(case):
+    return CASES[case][1]["image_size"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_transformers_at_every_image_size(tmp_path, case):
+    """The configured size uses the position table as it is; the others resample its patch rows (bicubic, float32),
+    square or not, larger or smaller (16 x 17 keeps the 4 x 4 grid: transformers still resamples, to the same size)."""
+    model = build(tmp_path, case)
+    ours = load(tmp_path / "src")
+    assert ours.family == "dinov2" and ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    spec, w = ours.spec, ours.materialize()
+    assert spec.layer_scale and spec.interpolate_positions and spec.pool == "first"
+    s = image_size(case)
+    for size in [(s, s), (s + 8, s + 8), (s, s + 8), (s + 4, s - 4), (s, s + 1)]:
+        x = pixels(size)
+        ref = reference(model, x)
+        with torch.no_grad():
+            out = forward(spec, w, pixel_values=x)
+        for k, v in ref.items():
+            assert max_diff(v, out[k]) <= 1e-5, (size, k, max_diff(v, out[k]))
+
+
+def test_spec_of_each_variant(tmp_path):
+    build(tmp_path, "swiglu-classifier")
+    spec = load(tmp_path / "src").spec
+    assert (spec.gated_mlp, spec.mlp, spec.gate_activation, spec.activation) == (True, 88, "silu", "gelu")
+    assert (spec.head, spec.head_mean, spec.num_classes, spec.mask_token, spec.cls_token) == \
+        ("classifier", True, 3, True, True)
+    assert spec.num_positions == 17 and spec.norm_eps == 1e-6
+    build(tmp_path, "odd", "odd")
+    spec = load(tmp_path / "odd").spec
+    assert (spec.heads, spec.head_dim, spec.mlp, spec.mask_token, spec.qkv_bias, spec.gated_mlp) == \
+        (3, 12, 72, False, False, False)
+    assert spec.activation == "gelu_tanh" and spec.norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_and_explicit_attention_agree(tmp_path, case):
+    build(tmp_path, case)
+    ours = load(tmp_path / "src")
+    w = ours.materialize()
+    for size in [(image_size(case),) * 2, (image_size(case) + 4,) * 2]:
+        x = pixels(size)
+        with torch.no_grad():
+            fused = forward(ours.spec, w, pixel_values=x, attention="sdpa")
+            explicit = forward(ours.spec, w, pixel_values=x, attention="explicit")
+        for k in explicit:
+            assert max_diff(fused[k], explicit[k]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip(tmp_path, case):
+    model = build(tmp_path, case)
+    ours = load(tmp_path / "src")
+    save(ours, tmp_path / "out")
+    assert_same_files(tmp_path / "src", tmp_path / "out")
+    if CASES[case][1].get("use_mask_token", True):
+        assert any(k.endswith("embeddings.mask_token") for k in read_all(tmp_path / "out"))
+
+    cls = getattr(transformers, CASES[case][0])
+    again, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert loading_problems(info) == {}
+    x = pixels((image_size(case),) * 2)
+    first, second = reference(model, x), reference(again.eval(), x)
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
+    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert type(out) is type(src)
+    for key in COMPARED:
+        assert getattr(out, key) == getattr(src, key), key
+    assert load(tmp_path / "out").spec == ours.spec
+
+
+@pytest.mark.parametrize("case", ["Dinov2ForImageClassification", "swiglu-classifier", "odd"])
+def test_written_from_tensors_without_source_config(tmp_path, case):
+    """A model made in memory (no source config) is written from the descriptor's template: transformers builds
+    the same architecture from it (mlp_ratio, use_swiglu_ffn, use_mask_token...) and computes our outputs."""
+    build(tmp_path, case)
+    ours = load(tmp_path / "src")
+    weights = ours.materialize()
+    save(from_tensors(ours.spec, weights, "dinov2"), tmp_path / "fresh")
+    assert_same_files(tmp_path / "src", tmp_path / "fresh")
+    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "fresh", output_loading_info=True)
+    assert loading_problems(info) == {}
+    x = pixels((image_size(case),) * 2)
+    with torch.no_grad():
+        out = forward(ours.spec, weights, pixel_values=x)
+    for k, v in reference(again.eval(), x).items():
+        assert max_diff(v, out[k]) <= 1e-5, k
+
+
+def test_classifier_halves_are_the_fused_columns(tmp_path):
+    """classifier.weight (classes, 2D) = [head.weight | head_mean.weight]: the class-token half first."""
+    model = build(tmp_path, "Dinov2ForImageClassification")
+    ours = load(tmp_path / "src")
+    w = ours.materialize()
+    assert w["head.weight"].shape == w["head_mean.weight"].shape == (5, 32)
+    assert torch.equal(torch.cat([w["head.weight"], w["head_mean.weight"]], 1), model.classifier.weight.detach())
+    assert ours.mapping.locations["head_mean.weight"].key == "classifier.weight"
+
+
+# --- growth ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, mlp", [("Dinov2ForImageClassification", 256), ("swiglu-classifier", 176)])
+@pytest.mark.parametrize("method", B.METHODS)
+def test_every_baseline_grows_a_model_transformers_loads(tmp_path, case, mlp, method):
+    """Width x2 (plain MLP 128 -> 256 = 64 x 4; SwiGLU 88 -> 176 = ceil8(2/3 x 256)), depth 2 -> 3 where the method
+    grows depth; every method's output loads whole, computes our outputs, and (where growth.json claims it) the
+    source's logits; the mask token grows with the residual stream."""
+    model = build(tmp_path, case)
+    deeper = method not in ("net2net", "lemon")
+    layers = 3 if deeper else 2
+    result = grow(tmp_path / "src", layers=layers, width=64, heads=8, mlp=mlp, method=method,
+                  out=tmp_path / "big", steps=0, eval_batches=1, objective="distill")
+    grown = load(tmp_path / "big")
+    assert (grown.spec.layers, grown.spec.width, grown.spec.mlp) == (layers, 64, mlp)
+    weights = grown.materialize()
+    assert weights["embed.mask"].shape == (64,) and weights["head_mean.weight"].shape == (3 if "swiglu" in case
+                                                                                            else 5, 64)
+    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "big", output_loading_info=True)
+    assert loading_problems(info) == {}
+    x = pixels()
+    with torch.no_grad():
+        ours = forward(grown.spec, weights, pixel_values=x)["logits"]
+        theirs = again.eval()(pixel_values=x).logits
+        source = model(pixel_values=x).logits
+    assert max_diff(theirs, ours) <= 1e-5
+    report = json.loads((tmp_path / "big" / "growth.json").read_text())
+    assert report["function_preserving"] == result.report["function_preserving"]
+    # LayerScale, the mean head and the mask token are copied channel for channel: width x2 is exact
+    assert report["function_preserving"] == (method in ("net2net", "lemon")), report["function_preserving_reason"]
+    if report["function_preserving"]:
+        assert max_diff(theirs, source) <= 1e-4, report["function_preserving_reason"]
+
+
+def test_ligo_growth_keeps_layerscale_and_the_mean_head(tmp_path):
+    build(tmp_path, "swiglu-classifier")
+    grow(tmp_path / "src", layers=3, width=48, heads=6, mlp=96, out=tmp_path / "big", steps=1, batch_size=4,
+         objective="distill", eval_batches=1)
+    grown = load(tmp_path / "big")
+    assert grown.spec.layer_scale and grown.spec.head_mean and grown.spec.mask_token and grown.spec.gated_mlp
+    config = json.loads((tmp_path / "big" / "config.json").read_text())
+    assert config["mlp_ratio"] == 3 and config["use_swiglu_ffn"] is True  # ceil8(2/3 x 48 x 3) = 96
+    again, info = transformers.Dinov2ForImageClassification.from_pretrained(tmp_path / "big",
+                                                                             output_loading_info=True)
+    assert loading_problems(info) == {}
+    x = pixels((20, 20))  # another size: both resample the grown position table
+    with torch.no_grad():
+        assert max_diff(again.eval()(pixel_values=x).logits,
+                        forward(grown.spec, grown.materialize(), pixel_values=x)["logits"]) <= 1e-5
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, mlp, why", [("Dinov2ForImageClassification", 150, "mlp=128"),
+                                            ("swiglu-classifier", 100, "mlp=88")])
+def test_mlp_sizes_the_config_cannot_state_are_refused(tmp_path, case, mlp, why):
+    """transformers 5 reads an integer mlp_ratio: a target MLP it cannot give is refused at once, one line, exit 2,
+    nothing written."""
+    build(tmp_path, case)
+    result = CliRunner().invoke(main, ["grow", str(tmp_path / "src"), "--layers", "2", "--width", "32", "--heads",
+                                       "4", "--mlp", str(mlp), "--out", str(tmp_path / "big"), "--steps", "0"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "family dinov2 needs" in lines[0] and \
+        why in lines[0], result.stderr
+    assert not (tmp_path / "big").exists()
+    spec = load(tmp_path / "src").spec
+    assert get_descriptor("dinov2").supports(spec.replace(mlp=mlp)) is not None
+    with pytest.raises(Exception, match="family dinov2 needs"):
+        save(from_tensors(spec.replace(mlp=mlp), init_weights(spec.replace(mlp=mlp)), "dinov2"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# --- eval ----------------------------------------------------------------------------------------------------------
+
+
+def test_eval_equals_transformers_loss_on_both_engines(tmp_path):
+    """The classifier's loss on the digits equals transformers' own, and onnxruntime gives the same metrics."""
+    from ligo_convert import data
+    from ligo_convert.evaluate import evaluate
+
+    model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**BASE, num_labels=10)).eval()
+    model.save_pretrained(tmp_path / "src")
+    got = evaluate(tmp_path / "src", max_batches=1, batch_size=8)
+    batch = next(data.batches(load(tmp_path / "src").spec, None, tmp_path / "src", split="val", batch_size=8,
+                              repeat=False))
+    with torch.no_grad():
+        ref = model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()
+    assert got["loss"] == pytest.approx(ref, rel=1e-5) and "digits" in got["data"]
+    torch_run = evaluate(tmp_path / "src", engine="torch", max_batches=2)
+    onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=2)
+    assert torch_run["count"] == onnx_run["count"] == 32
+    assert abs(torch_run["loss"] - onnx_run["loss"]) <= 1e-4 * max(1.0, abs(torch_run["loss"]))
+    assert abs(torch_run["accuracy"] - onnx_run["accuracy"]) <= 1 / torch_run["count"]
