@@ -29,6 +29,7 @@ import gc
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -194,8 +195,9 @@ def _check_value(key: str, value, where: str):
     low = 0 if key in ("steps", "seed") else 1
     if kind == "int" and value < low:
         raise LigoError(f"{where}: {key} must be at least {low}, not {value}")
-    if key == "lr" and value <= 0 or key == "noise" and value < 0:
-        raise LigoError(f"{where}: {key} must be {'positive' if key == 'lr' else '0 or more'}, not {value}")
+    if kind == "float" and not math.isfinite(value) or key == "lr" and value <= 0 or key == "noise" and value < 0:
+        wanted = "positive" if key == "lr" else "0 or more" if key == "noise" else "a finite number"
+        raise LigoError(f"{where}: {key} must be {wanted}, not {value}")
     choices = _choices().get(key)
     if choices and value not in choices:
         raise LigoError(f"{where}: {key} {value!r} is not one of {', '.join(choices)}")

@@ -61,10 +61,14 @@ def download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, RepositoryNotFoundError) as e:
-        if offline or isinstance(e, LocalEntryNotFoundError):
-            raise LigoError(f"{repo_id}: not in the local Hugging Face cache and downloads are off; run "
-                            f"`huggingface-cli download {repo_id}` where there is internet, or pass a local folder") \
-                from None
+        if offline:
+            raise LigoError(f"{repo_id}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps downloads "
+                            f"off; run `hf download {repo_id}` where there is internet (or unset HF_HUB_OFFLINE), or "
+                            f"pass a local folder") from None
+        if isinstance(e, LocalEntryNotFoundError):  # online, but the hub could not be reached
+            raise LigoError(f"{repo_id}: not in the local Hugging Face cache, and the hub could not be reached; "
+                            f"check the connection, run `hf download {repo_id}` where there is internet, or pass a "
+                            f"local folder") from None
         raise LigoError(f"{repo_id}: could not be fetched from the Hugging Face hub ({type(e).__name__}); "
                         f"check the id or pass a local folder") from None
 

@@ -36,7 +36,10 @@ def main():
 
 
 def run():
+    from .threads import configure
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure()
     main(prog_name="ligo-convert")
 
 

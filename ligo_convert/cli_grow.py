@@ -161,9 +161,12 @@ def pretrain_command(out, family, layers, width, heads, mlp, data, steps, lr, ba
     """
     from tqdm import tqdm
 
-    from . import from_tensors, save
+    from . import from_tensors, options, save
     from .growth.pretrain import micro_spec, pretrain
 
+    options.check(layers=(layers, "size"), width=(width, "size"), heads=(heads, "size"), mlp=(mlp, "size"),
+                  steps=(steps, "count"), lr=(lr, "positive"), batch_size=(batch_size, "size"),
+                  seq_len=(seq_len, "size"), workers=(workers, "count"))
     if Path(out).exists() and not overwrite:  # refuse before training, not after
         raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another OUT")
     spec = micro_spec(family, layers=layers, width=width, heads=heads, mlp=mlp)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, options
 from .canonical import CanonicalModel, load
 from .errors import LigoError
 from .model import forward
@@ -408,10 +408,11 @@ def export_onnx(model_or_folder, out, *, opset: int = DEFAULT_OPSET, dtype: str 
     raise :class:`LigoError` before anything is written.
     """
     out = Path(out)
+    options.check(atol=(atol, "positive"), opset=(opset, "size"))
     if out.suffix != ".onnx":
         raise LigoError(f"{out}: the output file must end in .onnx")
     if out.exists() and not overwrite:
-        raise LigoError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise LigoError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise LigoError(f"{out.parent}: no such folder for the output file")
     model = _as_model(model_or_folder)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from . import __version__, options
 from . import data as data_mod
 from .canonical import CanonicalModel, from_tensors, load, save
 from .checkpoint import read_config, resolve_source
@@ -307,8 +307,10 @@ def _check_options(o: GrowOptions) -> None:
         raise LigoError(f"unknown depth init {o.depth_init!r}; choose one of {', '.join(inits.DEPTH_INITS)}")
     if o.width_init not in inits.WIDTH_INITS:
         raise LigoError(f"unknown width init {o.width_init!r}; choose one of {', '.join(inits.WIDTH_INITS)}")
-    if o.steps < 0:
-        raise LigoError(f"--steps must be 0 or more, not {o.steps}")
+    options.check(steps=(o.steps, "count"), lr=(o.lr, "positive"), noise=(o.noise, "nonnegative"),
+                  batch_size=(o.batch_size, "size"), seq_len=(o.seq_len, "size"), eval_batches=(o.eval_batches, "count"),
+                  layers=(o.layers, "size"), width=(o.width, "size"), heads=(o.heads, "size"),
+                  kv_heads=(o.kv_heads, "size"), mlp=(o.mlp, "size"), workers=(o.workers, "count"))
     if o.method != "ligo" and o.method not in baselines.METHODS:
         raise LigoError(f"unknown method {o.method!r}; choose one of ligo, {', '.join(baselines.METHODS)}")
     if o.method != "ligo" and (o.init or o.operator):

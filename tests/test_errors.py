@@ -280,3 +280,37 @@ def test_real_process_prints_one_line(tiny_bert, tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and Q0 in proc.stderr, proc.stderr
     assert proc.stdout == ""
     assert snapshot(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# Numeric options on every command: each refused in one line naming the flag, before anything is read or written.
+BAD_NUMBERS = [
+    ("grow", ["--layers", "4", "--width", "64", "--heads", "8", "--mlp", "64", "--lr", "nan"], "--lr"),
+    ("grow", ["--layers", "4", "--width", "64", "--heads", "8", "--mlp", "64", "--lr", "-1"], "--lr"),
+    ("grow", ["--layers", "4", "--width", "64", "--heads", "8", "--mlp", "64", "--noise", "inf"], "--noise"),
+    ("grow", ["--layers", "-1", "--width", "64", "--heads", "8", "--mlp", "64"], "--layers"),
+    ("grow", ["--layers", "4", "--width", "64", "--heads", "0", "--mlp", "64"], "--heads"),
+    ("grow", ["--layers", "4", "--width", "64", "--heads", "8", "--mlp", "64", "--batch-size", "0"], "--batch-size"),
+    ("grow", ["--layers", "4", "--width", "64", "--heads", "8", "--mlp", "64", "--steps", "-3"], "--steps"),
+    ("pretrain", ["--family", "hf-bert", "--steps", "-3"], "--steps"),
+    ("pretrain", ["--family", "hf-bert", "--layers", "-1"], "--layers"),
+    ("pretrain", ["--family", "hf-bert", "--heads", "0"], "--heads"),
+    ("pretrain", ["--family", "hf-bert", "--mlp", "0"], "--mlp"),
+    ("pretrain", ["--family", "hf-bert", "--lr", "nan"], "--lr"),
+    ("export", ["--atol", "nan"], "--atol"),
+    ("export", ["--atol", "-1e-3"], "--atol"),
+]
+
+
+@pytest.mark.parametrize("command, args, flag", BAD_NUMBERS, ids=[f"{c}{' '.join(a[-2:])}" for c, a, _ in BAD_NUMBERS])
+def test_numeric_options_are_checked_first(tiny_bert, tmp_path, command, args, flag):
+    src = copy_tree(tiny_bert, tmp_path / "src")
+    before = snapshot(src)
+    out = tmp_path / ("out.onnx" if command == "export" else "out")
+    if command == "pretrain":
+        result = invoke("pretrain", out, *args)
+    else:
+        result = invoke(command, src, *args, "--out", out)
+    line = assert_refused(result, [flag])
+    assert "must be" in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert snapshot(src) == before

@@ -305,7 +305,7 @@ def test_missing_onnxruntime(tmp_path, bert, monkeypatch):
 def test_existing_output_is_kept(tmp_path, bert):
     (tmp_path / "m.onnx").write_text("mine")
     result = CliRunner().invoke(main, ["export", str(bert), "--out", str(tmp_path / "m.onnx")])
-    one_line_error(result, "exists; pass overwrite=True (--overwrite)")
+    one_line_error(result, "exists; pass --overwrite to replace it")
     assert (tmp_path / "m.onnx").read_text() == "mine"
 
 

@@ -13,12 +13,14 @@ import transformers
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from ligo_convert import LigoError, forward, from_tensors, load, save
+from ligo_convert import LigoError, forward, load, save
 from ligo_convert import export as ex
 from ligo_convert.cli import main
 from ligo_convert.grow import grow
 from ligo_convert.growth import baselines as B
-from helpers import assert_same_files, loading_problems, max_diff, read_all
+from family_checks import (assert_one_line_error, check_round_trip, edit_config, from_template_same_files, hf_load,
+                           read_whole, save_randomised)
+from helpers import assert_same_files, max_diff, read_all
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16,
               patch_size=4, projection_dim=24)
@@ -55,14 +57,7 @@ COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_hea
 
 def build(tmp_path, case: str, folder: str = "src"):
     cls, config_cls, config, _ = CASES[case]
-    model = getattr(transformers, cls)(getattr(transformers, config_cls)(**config)).eval()
-    # transformers leaves norms at 1/0: randomise them (and every bias) so a dropped or swapped one shows
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(0.0 if name.endswith("bias") else 0.5, 0.1)
-    model.save_pretrained(tmp_path / folder)
-    return model
+    return save_randomised(cls, getattr(transformers, config_cls)(**config), tmp_path / folder)
 
 
 def inputs(case: str, seed: int = 0) -> dict:
@@ -106,9 +101,7 @@ def compare(ref: dict, out: dict, x: dict, exact: bool = False):
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_transformers(tmp_path, case):
     model = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == CASES[case][3]
-    assert ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    ours = read_whole(tmp_path / "src", CASES[case][3])
     x = inputs(case)
     ref = reference(model, x)
     assert ("embeds" in ref) == CASES[case][0].endswith("WithProjection")
@@ -156,22 +149,8 @@ def test_sdpa_and_explicit_attention_agree(tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
     model = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
-
-    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
-    x = inputs(case)
-    compare(reference(model, x), reference(again.eval(), x), x, exact=True)
-
-    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
-    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert type(out) is type(src)
-    for key in COMPARED:
-        if hasattr(src, key):
-            assert getattr(out, key) == getattr(src, key), key
-    assert load(tmp_path / "out").spec == ours.spec
+    check_round_trip(tmp_path, model, getattr(transformers, CASES[case][0]), lambda: inputs(case), reference, COMPARED,
+                     same_outputs=lambda first, second, x: compare(first, second, x, exact=True))
 
 
 @pytest.mark.parametrize("case", ["CLIPVisionModelWithProjection", "vision-odd", "text-eos", "CLIPTextModel",
@@ -180,16 +159,11 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """Written from the descriptor's template (no source config): transformers builds the same model, with the
     end-of-text rule (eos_token_id) and the projection size written from the spec."""
     build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    weights = ours.materialize()
-    save(from_tensors(ours.spec, weights, ours.family), tmp_path / "fresh")
-    assert_same_files(tmp_path / "src", tmp_path / "fresh")
-    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "fresh", output_loading_info=True)
-    assert loading_problems(info) == {}
+    ours, weights, again = from_template_same_files(tmp_path, getattr(transformers, CASES[case][0]))
     x = inputs(case)
     with torch.no_grad():
         out = forward(ours.spec, weights, **x)
-    compare(reference(again.eval(), x), out, x)
+    compare(reference(again, x), out, x)
     assert load(tmp_path / "fresh").spec == ours.spec
 
 
@@ -249,13 +223,12 @@ def test_every_baseline_grows_a_model_transformers_loads(tmp_path, case, method)
     grown = load(tmp_path / "big")
     assert (grown.spec.layers, grown.spec.width, grown.spec.mlp) == (layers, 64, 74)
     assert grown.spec.projection_dim == load(tmp_path / "src").spec.projection_dim
-    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "big", output_loading_info=True)
-    assert loading_problems(info) == {}
+    again = hf_load(getattr(transformers, CASES[case][0]), tmp_path / "big")
     x = inputs(case)
     weights = grown.materialize()
     with torch.no_grad():
         out = forward(grown.spec, weights, **x)
-    theirs = reference(again.eval(), x)
+    theirs = reference(again, x)
     compare(theirs, out, x)
     report = json.loads((tmp_path / "big" / "growth.json").read_text())
     assert report["function_preserving"] == result.report["function_preserving"]
@@ -274,11 +247,10 @@ def test_ligo_growth(tmp_path, case):
     assert grown.spec.projection and grown.spec.projection_dim == 24
     config = json.loads((tmp_path / "big" / "config.json").read_text())
     assert (config["hidden_size"], config["projection_dim"]) == (48, 24)
-    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "big", output_loading_info=True)
-    assert loading_problems(info) == {}
+    again = hf_load(getattr(transformers, CASES[case][0]), tmp_path / "big")
     x = inputs(case)
     with torch.no_grad():
-        compare(reference(again.eval(), x), forward(grown.spec, grown.materialize(), **x), x)
+        compare(reference(again, x), forward(grown.spec, grown.materialize(), **x), x)
 
 
 # --- export ------------------------------------------------------------------------------------------------------------
@@ -310,14 +282,6 @@ def test_export_matches_transformers(tmp_path, case):
 # --- SigLIP's attention-pooling head is refused -----------------------------------------------------------------------
 
 
-def one_line_error(result, *texts):
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for text in texts:
-        assert text in lines[0], result.stderr
-
-
 def test_siglip_pooling_head_is_refused_by_name(tmp_path):
     """Every released SigLIP vision tower has the attention-pooling head (a probe cross-attending over the patches):
     refused, naming its tensor, the feature and its config switch; one line, exit 2, nothing written."""
@@ -327,17 +291,17 @@ def test_siglip_pooling_head_is_refused_by_name(tmp_path):
         load(tmp_path / "src")
     for args in (["convert", tmp_path / "src", "--out", tmp_path / "out"],
                  ["grow", tmp_path / "src", "--width", "64", "--heads", "8", "--out", tmp_path / "out"]):
-        one_line_error(CliRunner().invoke(main, [str(a) for a in args]), "attention-pooling head", "vision_use_head")
+        assert_one_line_error(CliRunner().invoke(main, [str(a) for a in args]), "attention-pooling head",
+                              "vision_use_head")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_siglip_head_switch_alone_is_refused(tmp_path):
     """A config that asks for the head (vision_use_head) whose file lacks it: refused by the config key."""
     build(tmp_path, "SiglipVisionModel")
-    path = tmp_path / "src" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "vision_use_head": True}))
+    edit_config(tmp_path / "src", vision_use_head=True)
     with pytest.raises(LigoError, match="vision_use_head=True is not supported"):
         load(tmp_path / "src")
-    one_line_error(CliRunner().invoke(main, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "out")]),
-                   "config key vision_use_head=True")
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "config key vision_use_head=True")
     assert not (tmp_path / "out").exists()

@@ -5,19 +5,20 @@ are refused by name."""
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from ligo_convert import LigoError, data, forward, from_tensors, load, save
-from ligo_convert.cli import main
+from ligo_convert import LigoError, forward, from_tensors, load, save
 from ligo_convert.evaluate import evaluate
 from ligo_convert.grow import grow
 from ligo_convert.growth import baselines as B
-from helpers import assert_same_files, loading_problems, max_diff, read_all
+from family_checks import (build_case, check_round_trip, edit_config, from_template, growth_report, hf_load, kept,
+                           our_outputs, read_whole, reference, refused, refused_to_write, transformers_loss)
+from helpers import assert_same_files, max_diff, read_all
 
 TINY = dict(vocab_size=99, num_hidden_layers=2, max_position_embeddings=64)
 OLMO = dict(TINY, hidden_size=32, num_attention_heads=4, intermediate_size=37)
@@ -79,37 +80,13 @@ def text_inputs() -> dict:
     return dict(input_ids=ids, attention_mask=mask)
 
 
-def reference(model, x: dict) -> dict:
-    with torch.no_grad():
-        out = model(**x)
-    if hasattr(out, "logits"):
-        return {"logits": out.logits}
-    return {"hidden": out.last_hidden_state}
-
-
-def real(t: torch.Tensor, x: dict) -> torch.Tensor:
-    """The non-padded places (what a padded place holds is undefined for causal models)."""
-    return t[x["attention_mask"].bool()]
-
-
-def build(tmp_path, case: str, folder: str = "src"):
-    cls, config, family = CASES[case]
-    model = getattr(transformers, cls)(config()).eval()
-    # transformers leaves norm weights at 1 and biases at 0: randomise them so a swapped or dropped norm shows
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
-                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
-    model.save_pretrained(tmp_path / folder)
-    return model, family
+build = partial(build_case, CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_transformers(tmp_path, case):
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == family
-    assert ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    ours = read_whole(tmp_path / "src", family)
     x = text_inputs()
     ref = reference(model, x)
     w = ours.materialize()
@@ -117,8 +94,8 @@ def test_forward_matches_transformers(tmp_path, case):
         out = forward(ours.spec, w, **x)
         explicit = forward(ours.spec, w, **x, attention="explicit")
     for k, v in ref.items():
-        assert max_diff(real(v, x), real(out[k], x)) <= 1e-5, (k, max_diff(real(v, x), real(out[k], x)))
-        assert max_diff(real(out[k], x), real(explicit[k], x)) <= 1e-5, k  # SDPA == explicit attention
+        assert max_diff(kept(v, x), kept(out[k], x)) <= 1e-5, (k, max_diff(kept(v, x), kept(out[k], x)))
+        assert max_diff(kept(out[k], x), kept(explicit[k], x)) <= 1e-5, k  # SDPA == explicit attention
     # no padding at all: the SDPA path takes the causal kernel
     full = dict(input_ids=x["input_ids"][:1], attention_mask=torch.ones(1, 9, dtype=torch.long))
     with torch.no_grad():
@@ -129,26 +106,8 @@ def test_forward_matches_transformers(tmp_path, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
-    model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
-
-    cls = getattr(transformers, CASES[case][0])
-    again, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
-    x = text_inputs()
-    first, second = reference(model, x), reference(again.eval(), x)
-    for k in first:
-        assert torch.equal(first[k], second[k]), k
-
-    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
-    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert type(out) is type(src)
-    for key in COMPARED:
-        if hasattr(src, key):
-            assert getattr(out, key) == getattr(src, key), key
-    assert load(tmp_path / "out").spec == ours.spec
+    model, _ = build(tmp_path, case)
+    check_round_trip(tmp_path, model, getattr(transformers, CASES[case][0]), text_inputs, reference, COMPARED)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "ForCausalLM" in c])
@@ -156,16 +115,9 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """A model made in memory (as growth makes one): the descriptor alone writes a config that transformers' Auto
     class loads into the same model class, with the same outputs."""
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(from_tensors(ours.spec, ours.materialize(), family), tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["model_type"] == model.config.model_type
-    assert written["architectures"] == [CASES[case][0]]
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert type(again) is type(model)
-    assert loading_problems(info) == {}
+    ours, again = from_template(tmp_path, model, family, transformers.AutoModelForCausalLM)
     x = text_inputs()
-    assert torch.equal(reference(model, x)["logits"], reference(again.eval(), x)["logits"])
+    assert torch.equal(reference(model, x)["logits"], reference(again, x)["logits"])
     assert load(tmp_path / "out").spec == ours.spec
 
 
@@ -237,9 +189,8 @@ def test_neox_transformers4_config_and_old_buffers(tmp_path):
     assert sorted(ours.mapping.dropped) == sorted(buffers)
     assert ours.spec.rotary_fraction == 0.5 and ours.spec.rope_theta == 500.0 and not ours.spec.parallel_residual
     x = text_inputs()
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
-    assert max_diff(real(reference(model, x)["logits"], x), real(out["logits"], x)) <= 1e-5
+    out = our_outputs(ours, x)
+    assert max_diff(kept(reference(model, x)["logits"], x), kept(out["logits"], x)) <= 1e-5
     save(ours, tmp_path / "out")
     assert_same_files(old, tmp_path / "out")  # buffers carried byte for byte on an unchanged round trip
     written = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -267,9 +218,8 @@ def test_neox_reads_lm_head_name(tmp_path):
     ours = load(tmp_path / "renamed")
     assert ours.mapping.renamed == {"lm_head.weight": "embed_out.weight"}
     x = text_inputs()
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
-    assert max_diff(real(reference(model, x)["logits"], x), real(out["logits"], x)) <= 1e-5
+    out = our_outputs(ours, x)
+    assert max_diff(kept(reference(model, x)["logits"], x), kept(out["logits"], x)) <= 1e-5
 
 
 def test_neox_cannot_hold_grouped_query_attention_or_other_head_dims(tmp_path):
@@ -335,46 +285,32 @@ def test_opt_hub_layout_with_bare_decoder_names(tmp_path):
     assert ours.mapping.prefix == "decoder." and ours.spec.head == "lm" and ours.spec.tie_embeddings
     save(ours, tmp_path / "out")
     assert_same_files(hub, tmp_path / "out")
-    again, info = transformers.OPTForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
+    again = hf_load(transformers.OPTForCausalLM, tmp_path / "out")
     x = text_inputs()
-    assert torch.equal(reference(model, x)["logits"], reference(again.eval(), x)["logits"])
+    assert torch.equal(reference(model, x)["logits"], reference(again, x)["logits"])
 
 
 def test_opt_post_ln_cannot_have_a_final_norm(tmp_path):
     build(tmp_path, "OPTForCausalLM-pre")
     ours = load(tmp_path / "src")
-    with pytest.raises(LigoError, match="no model class"):
-        save(from_tensors(ours.spec.replace(norm_placement="post"), ours.materialize(), "opt"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    refused_to_write(ours.spec.replace(norm_placement="post"), ours.materialize(), "opt", tmp_path / "out",
+                     "no model class")
 
 
 # --- refusals: one line naming the config key, exit 2, nothing written -----------------------------------------------
-
-
-def refused(tmp_path, key: str) -> None:
-    with pytest.raises(LigoError, match=key):
-        load(tmp_path / "src")
-    for args in (["convert", tmp_path / "src", "--out", tmp_path / "out"], ["inspect", tmp_path / "src"]):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        assert result.exit_code == 2, (result.output, result.exception)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_opt_refuses_word_embed_projection(tmp_path):
     """opt-350m's word_embed_proj_dim != hidden_size adds project_in / project_out: refused by the key's name."""
     transformers.OPTForCausalLM(transformers.OPTConfig(**OPT, word_embed_proj_dim=16, do_layer_norm_before=False)) \
         .save_pretrained(tmp_path / "src")
-    refused(tmp_path, "word_embed_proj_dim")
+    refused(tmp_path, "word_embed_proj_dim", leaves=["src"])
 
 
 def test_opt_refuses_norms_without_weights(tmp_path):
     transformers.OPTModel(transformers.OPTConfig(**OPT, layer_norm_elementwise_affine=False)).save_pretrained(
         tmp_path / "src")
-    refused(tmp_path, "layer_norm_elementwise_affine")
+    refused(tmp_path, "layer_norm_elementwise_affine", leaves=["src"])
 
 
 @pytest.mark.parametrize("case, change, key", [
@@ -388,9 +324,8 @@ def test_opt_refuses_norms_without_weights(tmp_path):
 ])
 def test_refuses_by_config_key(tmp_path, case, change, key):
     build(tmp_path, case)
-    path = tmp_path / "src" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    refused(tmp_path, key)
+    edit_config(tmp_path / "src", **change)
+    refused(tmp_path, key, leaves=["src"])
 
 
 # --- growth: every baseline writes a model transformers loads -------------------------------------------------------
@@ -418,17 +353,15 @@ def test_every_baseline_loads_in_transformers(tmp_path, which):
         assert (grown.spec.layers, grown.spec.width, grown.spec.heads, grown.spec.mlp) == \
             (sizes["layers"], sizes["width"], sizes["heads"], sizes["mlp"])
         cls = getattr(transformers, json.loads((tmp_path / method / "config.json").read_text())["architectures"][0])
-        again, info = cls.from_pretrained(tmp_path / method, output_loading_info=True)
-        assert loading_problems(info) == {}, (method, info)
-        after = reference(again.eval(), x)["logits"]
+        again = hf_load(cls, tmp_path / method, method)
+        after = reference(again, x)["logits"]
         with torch.no_grad():
             ours = forward(grown.spec, grown.materialize(), **x)["logits"]
-        assert max_diff(real(after, x), real(ours, x)) <= 1e-5, method  # transformers computes what we grew
+        assert max_diff(kept(after, x), kept(ours, x)) <= 1e-5, method  # transformers computes what we grew
         exact, why = B.preservation(method, load(tmp_path / "src").spec, result.spec)
-        report = json.loads((tmp_path / method / "growth.json").read_text())
-        assert report["method"] == method
+        growth_report(tmp_path / method, method)
         if exact:  # ...and, where claimed, what the source computed
-            assert max_diff(real(after, x), real(before, x)) <= 1e-4, (method, why)
+            assert max_diff(kept(after, x), kept(before, x)) <= 1e-4, (method, why)
 
 
 # --- eval: PyTorch loss equals transformers', onnxruntime agrees ---------------------------------------------------
@@ -440,10 +373,7 @@ def test_eval_both_engines(tmp_path):
     model, _ = build(tmp_path, "OPTForCausalLM-pre")
     folder = tmp_path / "src"
     got = evaluate(folder, max_batches=1, batch_size=4, seq_len=16)
-    spec = load(folder).spec
-    batch = next(data.batches(spec, None, folder, split="val", batch_size=4, seq_len=16, repeat=False))
-    with torch.no_grad():
-        ref = model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()
+    ref = transformers_loss(model, folder, batch_size=4, seq_len=16)
     assert got["loss"] == pytest.approx(ref, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(got["loss"]))
     onnx_run = evaluate(folder, engine="onnx", max_batches=1, batch_size=4, seq_len=16)

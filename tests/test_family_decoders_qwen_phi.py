@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
 
 from ligo_convert import LigoError, forward, from_tensors, load, save
-from ligo_convert.cli import main
 from ligo_convert.grow import grow
-from helpers import assert_same_files, loading_problems, max_diff
+from family_checks import (DELETE, check_round_trip, edit_config, from_template, grown_or_refused, growth_report,
+                           hf_load, kept, read_whole, refused, refused_to_write, transformers_loss)
+from helpers import loading_problems, max_diff
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             max_position_embeddings=64)
@@ -77,11 +77,6 @@ def text_inputs(seq: int = 11) -> dict:
     return dict(input_ids=ids, attention_mask=mask)
 
 
-def kept(t: torch.Tensor, x: dict) -> torch.Tensor:
-    """The non-padded places (a causal model's padded places are not part of the answer)."""
-    return t[x["attention_mask"].bool()]
-
-
 def reference(model, x: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**x)
@@ -112,27 +107,13 @@ def build(tmp_path, case: str, folder: str = "src"):
     return model, family
 
 
-def edit_config(folder, **changes) -> dict:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is ...:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    path.write_text(json.dumps(config))
-    return config
-
-
 # --- the canonical forward -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_transformers(tmp_path, case):
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == family
-    assert ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    ours = read_whole(tmp_path / "src", family)
     x = text_inputs()
     ref = kept(reference(model, x), x)
     weights = ours.materialize()
@@ -196,28 +177,10 @@ def test_phi3_fused_tensors_split_as_transformers_does(tmp_path):
 # --- writing -----------------------------------------------------------------------------------------------------
 
 
-def same_config(src_folder, out_folder) -> None:
-    src = transformers.AutoConfig.from_pretrained(src_folder)
-    out = transformers.AutoConfig.from_pretrained(out_folder)
-    assert type(out) is type(src)
-    for key in COMPARED:
-        if hasattr(src, key):
-            assert getattr(out, key) == getattr(src, key), (key, getattr(out, key), getattr(src, key))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
     model, _ = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
-    cls = getattr(transformers, CASES[case][0])
-    again, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
-    x = text_inputs()
-    assert torch.equal(reference(model, x), reference(again.eval(), x))
-    same_config(tmp_path / "src", tmp_path / "out")
-    assert load(tmp_path / "out").spec == ours.spec
+    check_round_trip(tmp_path, model, getattr(transformers, CASES[case][0]), text_inputs, reference, COMPARED)
 
 
 @pytest.mark.parametrize("case", CAUSAL_LM)
@@ -225,14 +188,9 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """A model made in memory (as growth makes one) has no source config: the descriptor alone writes one that
     transformers loads into the same model (model class, head_dim, tie and bias flags, window switch and layers)."""
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(from_tensors(ours.spec, ours.materialize(), family), tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["architectures"] == [CASES[case][0]] and written["model_type"] == model.config.model_type
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert type(again) is type(model) and loading_problems(info) == {}
+    ours, again = from_template(tmp_path, model, family, transformers.AutoModelForCausalLM)
     x = text_inputs()
-    assert torch.equal(kept(reference(model, x), x), kept(reference(again.eval(), x), x))
+    assert torch.equal(kept(reference(model, x), x), kept(reference(again, x), x))
     assert load(tmp_path / "out").spec == ours.spec
 
 
@@ -254,9 +212,7 @@ def test_windowed_llama_is_written_as_mistral(tmp_path):
     x = text_inputs()
     assert max_diff(kept(reference(again.eval(), x), x), kept(ours_of(spec, weights, x), x)) <= 1e-5
     # a window from a layer on is Qwen2's, which biases q/k/v: no LLaMA-family class holds it without biases
-    with pytest.raises(LigoError, match="no model class"):
-        save(from_tensors(spec.replace(window_start=1), weights, "llama"), tmp_path / "none")
-    assert not (tmp_path / "none").exists()
+    refused_to_write(spec.replace(window_start=1), weights, "llama", tmp_path / "none", "no model class")
 
 
 def test_unwindowed_configs_write_no_window(tmp_path):
@@ -279,7 +235,7 @@ def test_qwen_transformers4_configs(tmp_path):
     for case in ("qwen2-window", "qwen3-window"):
         model, _ = build(tmp_path / case, case)
         folder = tmp_path / case / "src"
-        edit_config(folder, layer_types=...)
+        edit_config(folder, layer_types=DELETE)
         spec = load(folder).spec
         assert (spec.sliding_window, spec.window_start) == (3, 1)
         x = text_inputs()
@@ -290,7 +246,7 @@ def test_qwen_transformers4_configs(tmp_path):
         spec = load(folder).spec
         assert spec.sliding_window == 0 and not any(spec.windowed(i) for i in range(3))
         # the switch on without a sliding_window key: the class default (4096), from max_window_layers on
-        edit_config(folder, use_sliding_window=True, sliding_window=..., max_window_layers=...)
+        edit_config(folder, use_sliding_window=True, sliding_window=DELETE, max_window_layers=DELETE)
         spec = load(folder).spec
         assert (spec.sliding_window, spec.window_start) == (4096, 28)
         edit_config(folder, sliding_window=None)  # present as null: no window, as transformers reads it
@@ -300,7 +256,7 @@ def test_qwen_transformers4_configs(tmp_path):
 def test_mistral_window_defaults(tmp_path):
     """MistralConfig windows every layer with 4096 keys where the key is missing, none where it is null."""
     build(tmp_path, "mistral-window")
-    edit_config(tmp_path / "src", sliding_window=...)
+    edit_config(tmp_path / "src", sliding_window=DELETE)
     spec = load(tmp_path / "src").spec
     assert (spec.sliding_window, spec.window_start) == (4096, 0)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "src").sliding_window == 4096
@@ -317,7 +273,7 @@ def test_mistral_window_defaults(tmp_path):
 def test_phi3_transformers4_config(tmp_path):
     """transformers 4 wrote partial_rotary_factor and rope_theta at the top level and rope_scaling null."""
     model, _ = build(tmp_path, "phi3-gqa-partial")
-    config = edit_config(tmp_path / "src", rope_parameters=..., rope_theta=10000.0, partial_rotary_factor=0.5,
+    config = edit_config(tmp_path / "src", rope_parameters=DELETE, rope_theta=10000.0, partial_rotary_factor=0.5,
                          rope_scaling=None)
     assert "rope_parameters" not in config
     spec = load(tmp_path / "src").spec
@@ -335,7 +291,7 @@ def test_qwen3_head_dim_defaults_to_128(tmp_path):
     """Qwen3Config's head_dim is 128 where the key is missing, not width / heads: such a config does not describe
     weights of head_dim 8, and says so."""
     build(tmp_path, "qwen3-odd-bias-tied")
-    edit_config(tmp_path / "src", head_dim=...)
+    edit_config(tmp_path / "src", head_dim=DELETE)
     with pytest.raises(LigoError, match="head_dim"):
         load(tmp_path / "src")
 
@@ -344,23 +300,11 @@ def test_families_are_detected_without_model_type(tmp_path):
     """Tensor names alone tell Qwen3 (q_norm) and Phi-3 (qkv_proj) from LLaMA."""
     for case, family in (("qwen3-hd16-gqa-untied", "qwen3"), ("phi3-gqa-partial", "phi3")):
         build(tmp_path / case, case)
-        edit_config(tmp_path / case / "src", model_type=..., architectures=...)
+        edit_config(tmp_path / case / "src", model_type=DELETE, architectures=DELETE)
         assert load(tmp_path / case / "src").family == family
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
-
-
-def refused_by_cli(tmp_path, text: str) -> None:
-    """`convert` and `inspect` exit 2 with one line naming ``text``; nothing is written."""
-    before = sorted(p.name for p in tmp_path.iterdir())
-    for args in (["convert", tmp_path / "src", "--out", tmp_path / "out"], ["inspect", tmp_path / "src"]):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        assert result.exit_code == 2, (result.output, result.exception)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [2.0, 2.0]}
@@ -379,9 +323,7 @@ LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [2.0,
 def test_refuses_by_config_key(tmp_path, case, change, key):
     build(tmp_path, case)
     edit_config(tmp_path / "src", **change)
-    with pytest.raises(LigoError, match=key):
-        load(tmp_path / "src")
-    refused_by_cli(tmp_path, key)
+    refused(tmp_path, key)
 
 
 def test_periodic_windows_have_no_class(tmp_path):
@@ -432,21 +374,16 @@ def test_grow_with_every_baseline(tmp_path, source):
     targets.append(("lemon", dict(width=64, layers=layers + 1)))
     for method, sizes in targets:
         out = tmp_path / f"{method}-{sizes['layers']}"
-        try:
-            grow(tmp_path / "src", out=out, method=method, eval_batches=1, batch_size=2, seq_len=16, **sizes)
-        except LigoError as e:  # a method may refuse what it cannot do losslessly: one line, nothing written
-            assert "\n" not in str(e) and not out.exists(), (method, str(e))
+        grown = grown_or_refused(tmp_path / "src", out, method, eval_batches=1, batch_size=2, seq_len=16, **sizes)
+        if grown is None:  # refused in one line, nothing written
             continue
-        grown = load(out)
         assert grown.family == family and (grown.spec.layers, grown.spec.width) == (sizes["layers"], 64)
         assert grown.spec.head_dim == load(tmp_path / "src").spec.head_dim
-        again, info = cls.from_pretrained(out, output_loading_info=True)
-        assert loading_problems(info) == {}, (method, info)
+        again = hf_load(cls, out, method)
         assert again.config.sliding_window == (model.config.sliding_window if model.config.sliding_window else None)
-        report = json.loads((out / "growth.json").read_text())
-        assert report["method"] == method
+        report = growth_report(out, method)
         ran.append(method)
-        after = kept(reference(again.eval(), x), x)
+        after = kept(reference(again, x), x)
         if report["function_preserving"] and max_diff(before, after) > 1e-4:
             wrong.append((method, max_diff(before, after), report["function_preserving_reason"]))
     assert set(ran) >= set(BASELINE_TARGETS) - {"lemon"}, ran
@@ -474,13 +411,9 @@ def test_grown_qwen3_window_follows_the_layers(tmp_path):
 def test_eval_equals_transformers_loss(tmp_path, case):
     """`eval` with PyTorch gives transformers' own loss.  (The ONNX engine runs the exported file, which
     tests/test_export.py checks against transformers for both families; exporting costs ~30 s, so not again here.)"""
-    from ligo_convert import data
     from ligo_convert.evaluate import evaluate
 
     model, _ = build(tmp_path, case)
     got = evaluate(tmp_path / "src", max_batches=1, batch_size=4, seq_len=16)
-    batch = next(data.batches(load(tmp_path / "src").spec, None, tmp_path / "src", split="val", batch_size=4,
-                              seq_len=16, repeat=False))
-    with torch.no_grad():
-        ref = model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()
+    ref = transformers_loss(model, tmp_path / "src", batch_size=4, seq_len=16)
     assert got["loss"] == pytest.approx(ref, rel=1e-5)

@@ -16,7 +16,9 @@ from ligo_convert.cli import main
 from ligo_convert.descriptors import get_descriptor
 from ligo_convert.grow import grow
 from ligo_convert.growth import baselines as B
-from helpers import assert_same_files, loading_problems, max_diff, read_all
+from family_checks import (assert_one_line_error, check_round_trip, from_template_same_files, hf_load, read_whole,
+                           save_randomised, transformers_loss)
+from helpers import max_diff, read_all
 
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
 
@@ -40,15 +42,8 @@ COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_hea
 
 def build(tmp_path, case: str, folder: str = "src"):
     cls, config = CASES[case]
-    model = getattr(transformers, cls)(transformers.Dinov2Config(**config)).eval()
-    # transformers leaves norms at 1/0 and LayerScale at layerscale_value: randomise them so a dropped or swapped
-    # tensor shows
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias") or "lambda1" in name or "mask_token" in name:
-                p.normal_(0.0 if name.endswith("bias") else 0.5, 0.1)
-    model.save_pretrained(tmp_path / folder)
-    return model
+    # transformers leaves LayerScale at layerscale_value: randomised too (and the mask token)
+    return save_randomised(cls, transformers.Dinov2Config(**config), tmp_path / folder, also=("lambda1", "mask_token"))
 
 
 def pixels(size=None, batch=2, seed=0):
@@ -73,8 +68,7 @@ def test_forward_matches_transformers_at_every_image_size(tmp_path, case):
     """The configured size uses the position table as it is; the others resample its patch rows (bicubic, float32),
     square or not, larger or smaller (16 x 17 keeps the 4 x 4 grid: transformers still resamples, to the same size)."""
     model = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == "dinov2" and ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    ours = read_whole(tmp_path / "src", "dinov2")
     spec, w = ours.spec, ours.materialize()
     assert spec.layer_scale and spec.interpolate_positions and spec.pool == "first"
     s = image_size(case)
@@ -118,26 +112,10 @@ def test_sdpa_and_explicit_attention_agree(tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
     model = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
+    check_round_trip(tmp_path, model, getattr(transformers, CASES[case][0]), lambda: pixels((image_size(case),) * 2),
+                     reference, COMPARED, every_key=True)
     if CASES[case][1].get("use_mask_token", True):
         assert any(k.endswith("embeddings.mask_token") for k in read_all(tmp_path / "out"))
-
-    cls = getattr(transformers, CASES[case][0])
-    again, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
-    x = pixels((image_size(case),) * 2)
-    first, second = reference(model, x), reference(again.eval(), x)
-    for k in first:
-        assert torch.equal(first[k], second[k]), k
-
-    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
-    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert type(out) is type(src)
-    for key in COMPARED:
-        assert getattr(out, key) == getattr(src, key), key
-    assert load(tmp_path / "out").spec == ours.spec
 
 
 @pytest.mark.parametrize("case", ["Dinov2ForImageClassification", "swiglu-classifier", "odd"])
@@ -145,16 +123,12 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """A model made in memory (no source config) is written from the descriptor's template: transformers builds
     the same architecture from it (mlp_ratio, use_swiglu_ffn, use_mask_token...) and computes our outputs."""
     build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    weights = ours.materialize()
-    save(from_tensors(ours.spec, weights, "dinov2"), tmp_path / "fresh")
-    assert_same_files(tmp_path / "src", tmp_path / "fresh")
-    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "fresh", output_loading_info=True)
-    assert loading_problems(info) == {}
+    cls = getattr(transformers, CASES[case][0])
+    ours, weights, again = from_template_same_files(tmp_path, cls, "dinov2")
     x = pixels((image_size(case),) * 2)
     with torch.no_grad():
         out = forward(ours.spec, weights, pixel_values=x)
-    for k, v in reference(again.eval(), x).items():
+    for k, v in reference(again, x).items():
         assert max_diff(v, out[k]) <= 1e-5, k
 
 
@@ -187,12 +161,11 @@ def test_every_baseline_grows_a_model_transformers_loads(tmp_path, case, mlp, me
     weights = grown.materialize()
     assert weights["embed.mask"].shape == (64,) and weights["head_mean.weight"].shape == (3 if "swiglu" in case
                                                                                             else 5, 64)
-    again, info = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "big", output_loading_info=True)
-    assert loading_problems(info) == {}
+    again = hf_load(getattr(transformers, CASES[case][0]), tmp_path / "big")
     x = pixels()
     with torch.no_grad():
         ours = forward(grown.spec, weights, pixel_values=x)["logits"]
-        theirs = again.eval()(pixel_values=x).logits
+        theirs = again(pixel_values=x).logits
         source = model(pixel_values=x).logits
     assert max_diff(theirs, ours) <= 1e-5
     report = json.loads((tmp_path / "big" / "growth.json").read_text())
@@ -211,12 +184,10 @@ def test_ligo_growth_keeps_layerscale_and_the_mean_head(tmp_path):
     assert grown.spec.layer_scale and grown.spec.head_mean and grown.spec.mask_token and grown.spec.gated_mlp
     config = json.loads((tmp_path / "big" / "config.json").read_text())
     assert config["mlp_ratio"] == 3 and config["use_swiglu_ffn"] is True  # ceil8(2/3 x 48 x 3) = 96
-    again, info = transformers.Dinov2ForImageClassification.from_pretrained(tmp_path / "big",
-                                                                             output_loading_info=True)
-    assert loading_problems(info) == {}
+    again = hf_load(transformers.Dinov2ForImageClassification, tmp_path / "big")
     x = pixels((20, 20))  # another size: both resample the grown position table
     with torch.no_grad():
-        assert max_diff(again.eval()(pixel_values=x).logits,
+        assert max_diff(again(pixel_values=x).logits,
                         forward(grown.spec, grown.materialize(), pixel_values=x)["logits"]) <= 1e-5
 
 
@@ -231,10 +202,7 @@ def test_mlp_sizes_the_config_cannot_state_are_refused(tmp_path, case, mlp, why)
     build(tmp_path, case)
     result = CliRunner().invoke(main, ["grow", str(tmp_path / "src"), "--layers", "2", "--width", "32", "--heads",
                                        "4", "--mlp", str(mlp), "--out", str(tmp_path / "big"), "--steps", "0"])
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "family dinov2 needs" in lines[0] and \
-        why in lines[0], result.stderr
+    assert_one_line_error(result, "family dinov2 needs", why)
     assert not (tmp_path / "big").exists()
     spec = load(tmp_path / "src").spec
     assert get_descriptor("dinov2").supports(spec.replace(mlp=mlp)) is not None
@@ -248,16 +216,12 @@ def test_mlp_sizes_the_config_cannot_state_are_refused(tmp_path, case, mlp, why)
 
 def test_eval_equals_transformers_loss_on_both_engines(tmp_path):
     """The classifier's loss on the digits equals transformers' own, and onnxruntime gives the same metrics."""
-    from ligo_convert import data
     from ligo_convert.evaluate import evaluate
 
     model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**BASE, num_labels=10)).eval()
     model.save_pretrained(tmp_path / "src")
     got = evaluate(tmp_path / "src", max_batches=1, batch_size=8)
-    batch = next(data.batches(load(tmp_path / "src").spec, None, tmp_path / "src", split="val", batch_size=8,
-                              repeat=False))
-    with torch.no_grad():
-        ref = model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()
+    ref = transformers_loss(model, tmp_path / "src", batch_size=8)
     assert got["loss"] == pytest.approx(ref, rel=1e-5) and "digits" in got["data"]
     torch_run = evaluate(tmp_path / "src", engine="torch", max_batches=2)
     onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=2)

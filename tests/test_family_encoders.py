@@ -2,17 +2,18 @@
 transformers', files round-trip byte for byte, transformers loads what we write, and the config we write describes the
 same model."""
 
-import json
+from functools import partial
 
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
 
-from ligo_convert import LigoError, forward, from_tensors, load, save
-from ligo_convert.cli import main
+from ligo_convert import LigoError, load, save
 from ligo_convert.descriptors import _merged, get_descriptor
-from helpers import assert_same_files, loading_problems, max_diff
+from family_checks import (assert_close, build_case, check_round_trip, edit_config, from_template, hf_load,
+                           our_outputs, padded_text_inputs as text_inputs, read_whole, reference, refused,
+                           refused_to_write)
+from helpers import assert_same_files, max_diff
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             max_position_embeddings=66)
@@ -37,76 +38,22 @@ COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_hea
             "dim", "n_layers", "n_heads", "hidden_dim", "activation", "sinusoidal_pos_embds")
 
 
-def text_inputs(pad_token_id: int) -> dict:
-    """Two sequences, the second right-padded with the pad id (RoBERTa's positions skip padding tokens)."""
-    ids = torch.randint(3, 99, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0
-    ids[1, 5:] = pad_token_id
-    return dict(input_ids=ids, attention_mask=mask)
-
-
-def reference(model, x: dict) -> dict:
-    with torch.no_grad():
-        out = model(**x)
-    if hasattr(out, "logits"):
-        return {"logits": out.logits}
-    ref = {"hidden": out.last_hidden_state}
-    if getattr(out, "pooler_output", None) is not None:
-        ref["pooled"] = out.pooler_output
-    return ref
-
-
-def build(tmp_path, case: str, folder: str = "src"):
-    cls, config, family = CASES[case]
-    model = getattr(transformers, cls)(config()).eval()
-    # transformers leaves LayerNorm weights at 1 and biases at 0: randomise them so a swapped or dropped norm tensor
-    # shows in the outputs
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
-                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
-    model.save_pretrained(tmp_path / folder)
-    return model, family
+build = partial(build_case, CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_transformers(tmp_path, case):
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == family
-    assert ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    ours = read_whole(tmp_path / "src", family)
     x = text_inputs(model.config.pad_token_id)
-    ref = reference(model, x)
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
-    assert set(ref) <= set(out)
-    for k, v in ref.items():
-        assert max_diff(v, out[k]) <= 1e-5, (k, max_diff(v, out[k]))
+    assert_close(reference(model, x), our_outputs(ours, x))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
-    model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
-
-    cls = getattr(transformers, CASES[case][0])
-    again, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
-    x = text_inputs(model.config.pad_token_id)
-    first, second = reference(model, x), reference(again.eval(), x)
-    for k in first:
-        assert torch.equal(first[k], second[k]), k
-
-    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
-    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert type(out) is type(src)
-    for key in COMPARED:
-        if hasattr(src, key):
-            assert getattr(out, key) == getattr(src, key), key
-    assert load(tmp_path / "out").spec == ours.spec
+    model, _ = build(tmp_path, case)
+    check_round_trip(tmp_path, model, getattr(transformers, CASES[case][0]),
+                     lambda: text_inputs(model.config.pad_token_id), reference, COMPARED)
 
 
 @pytest.mark.parametrize("case", MLM)
@@ -114,16 +61,9 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """A model made in memory (as growth makes one): the descriptor's template alone writes a config that
     transformers' Auto classes load into the same model class with the same outputs."""
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(from_tensors(ours.spec, ours.materialize(), family), tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["model_type"] == model.config.model_type
-    assert written["architectures"] == [CASES[case][0]]
-    again, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert type(again) is type(model)
-    assert loading_problems(info) == {}
+    _, again = from_template(tmp_path, model, family, transformers.AutoModelForMaskedLM)
     x = text_inputs(model.config.pad_token_id)
-    assert torch.equal(reference(model, x)["logits"], reference(again.eval(), x)["logits"])
+    assert torch.equal(reference(model, x)["logits"], reference(again, x)["logits"])
 
 
 # --- extends: XLM-RoBERTa and CamemBERT are RoBERTa under their own names -----------------------------------------
@@ -149,11 +89,10 @@ def test_converts_to_roberta(tmp_path, case):
     save(load(tmp_path / "src"), tmp_path / "roberta", family="hf-roberta")
     assert load(tmp_path / "roberta").family == "hf-roberta"
     cls = transformers.RobertaForMaskedLM if case.endswith("MaskedLM") else transformers.RobertaModel
-    again, info = cls.from_pretrained(tmp_path / "roberta", output_loading_info=True)
-    assert loading_problems(info) == {}
+    again = hf_load(cls, tmp_path / "roberta")
     x = text_inputs(1)
     for k, v in reference(model, x).items():
-        assert torch.equal(v, reference(again.eval(), x)[k]), k
+        assert torch.equal(v, reference(again, x)[k]), k
 
 
 # --- DistilBERT ----------------------------------------------------------------------------------------------------
@@ -167,10 +106,8 @@ def test_distilbert_spec(tmp_path):
     assert spec.type_vocab_size == 0 and spec.position_offset == 0 and not spec.pooler
     assert spec.head == "mlm" and spec.tie_embeddings and spec.pad_token_id == 0
     # the fixed eps is a family constant: a model with another one has no DistilBERT form
-    with pytest.raises(LigoError, match="norm_eps"):
-        save(from_tensors(spec.replace(norm_eps=1e-5), load(tmp_path / "src").materialize(), "distilbert"),
-             tmp_path / "other-eps")
-    assert not (tmp_path / "other-eps").exists()
+    refused_to_write(spec.replace(norm_eps=1e-5), load(tmp_path / "src").materialize(), "distilbert",
+                     tmp_path / "other-eps", "norm_eps")
 
 
 def test_distilbert_drops_stored_decoder_copy(tmp_path):
@@ -189,8 +126,7 @@ def test_distilbert_drops_stored_decoder_copy(tmp_path):
     ours = load(old)
     assert ours.mapping.dropped == ["vocab_projector.weight"]
     x = text_inputs(0)
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
+    out = our_outputs(ours, x)
     assert max_diff(reference(model, x)["logits"], out["logits"]) <= 1e-5
     save(ours, tmp_path / "out")
     assert_same_files(old, tmp_path / "out")
@@ -200,17 +136,8 @@ def test_distilbert_drops_stored_decoder_copy(tmp_path):
 def test_distilbert_refuses_by_config_key(tmp_path, key, value):
     """Sinusoidal positions (and an untied decoder) are refused by name: one line, exit 2, nothing written."""
     build(tmp_path, "DistilBertForMaskedLM")
-    path = tmp_path / "src" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
-    with pytest.raises(LigoError, match=key):
-        load(tmp_path / "src")
-    for args in (["convert", tmp_path / "src", "--out", tmp_path / "out"], ["inspect", tmp_path / "src"]):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        assert result.exit_code == 2, (result.output, result.exception)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    edit_config(tmp_path / "src", **{key: value})
+    refused(tmp_path, key, leaves=["src"])
 
 
 @pytest.mark.parametrize("cls, key", [("DistilBertForSequenceClassification", "classifier.bias"),

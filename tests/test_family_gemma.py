@@ -4,16 +4,18 @@ config we write describes the same model, every growth baseline writes a loadabl
 claims hold, and the variants we cannot represent are refused by name."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
 
 from ligo_convert import LigoError, forward, from_tensors, load, save
-from ligo_convert.cli import main
 from ligo_convert.grow import grow
-from helpers import assert_same_files, loading_problems, max_diff
+from family_checks import (DELETE, assert_close, build_case, check_round_trip, edit_config, from_template,
+                           grown_or_refused, growth_report, hf_load, kept, our_outputs, read_whole, reference, refused,
+                           refused_by_cli, refused_to_write, save_randomised, transformers_loss)
+from helpers import assert_same_files, max_diff
 
 # head_dim 16 with 4 heads: the attention width (64) differs from the hidden size (32), as in the real models
 BASE = dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -83,62 +85,20 @@ def text_inputs(seq: int = 11) -> dict:
     return dict(input_ids=ids, attention_mask=mask)
 
 
-def reference(model, x: dict) -> dict:
-    with torch.no_grad():
-        out = model(**x)
-    if getattr(out, "logits", None) is not None:
-        return {"logits": out.logits}
-    return {"hidden": out.last_hidden_state}
-
-
-def kept(t: torch.Tensor, x: dict) -> torch.Tensor:
-    return t[x["attention_mask"].bool()]
-
-
-def randomise(model) -> None:
-    """transformers leaves Gemma's norm weights at 0 (gain 1) and biases at 0: randomise them so a swapped or dropped
-    norm (or a missing 1 + offset) shows in the outputs."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
-                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
-
-
-def build(tmp_path, case: str, folder: str = "src"):
-    cls, make_config, family = CASES[case]
-    model = getattr(transformers, cls)(make_config()).eval()
-    randomise(model)
-    model.save_pretrained(tmp_path / folder)
-    return model, family
+# Gemma's norm weights (gain 1 + weight) are randomised too: a missing 1 + offset shows in the outputs
+build = partial(build_case, CASES)
 
 
 def hf_class(case: str):
     return getattr(transformers, CASES[case][0])
 
 
-def edit_config(folder, **changes) -> dict:
-    path = folder / "config.json"
-    config = {**json.loads(path.read_text()), **changes}
-    config = {k: v for k, v in config.items() if v is not DELETE}
-    path.write_text(json.dumps(config))
-    return config
-
-
-DELETE = object()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_transformers(tmp_path, case):
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == family
-    assert ours.mapping.unmapped == [] and ours.mapping.dropped == []
+    ours = read_whole(tmp_path / "src", family)
     x = text_inputs()
-    ref = reference(model, x)
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
-    for k, v in ref.items():
-        assert max_diff(kept(v, x), kept(out[k], x)) <= 1e-5, (k, max_diff(kept(v, x), kept(out[k], x)))
+    assert_close(reference(model, x), our_outputs(ours, x), padded=x)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -180,25 +140,8 @@ def test_specs_say_what_the_configs_say(tmp_path):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
-    model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
-
-    again, info = hf_class(case).from_pretrained(tmp_path / "out", output_loading_info=True, **EAGER)
-    assert loading_problems(info) == {}
-    x = text_inputs()
-    first, second = reference(model, x), reference(again.eval(), x)
-    for k in first:
-        assert torch.equal(first[k], second[k]), k
-
-    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
-    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert type(out) is type(src)
-    for key in COMPARED:
-        if hasattr(src, key):
-            assert getattr(out, key) == getattr(src, key), key
-    assert load(tmp_path / "out").spec == ours.spec
+    model, _ = build(tmp_path, case)
+    check_round_trip(tmp_path, model, hf_class(case), text_inputs, reference, COMPARED, **EAGER)
 
 
 @pytest.mark.parametrize("case", ["gemma-mqa-tied", "gemma-gqa-untied-bias", "gemma2-gqa-tied",
@@ -207,17 +150,9 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """A model made in memory (as growth makes one) has no source config: the descriptor's template alone writes
     a config that transformers loads into the same model (class, tie and bias flags, windows, caps, rotary bases)."""
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(from_tensors(ours.spec, ours.materialize(), family), tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["model_type"] == model.config.model_type
-    assert written["architectures"] == [CASES[case][0]]
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True,
-                                                                    **EAGER)
-    assert type(again) is type(model)
-    assert loading_problems(info) == {}
+    ours, again = from_template(tmp_path, model, family, transformers.AutoModelForCausalLM, **EAGER)
     x = text_inputs()
-    assert torch.equal(reference(model, x)["logits"], reference(again.eval(), x)["logits"])
+    assert torch.equal(reference(model, x)["logits"], reference(again, x)["logits"])
     assert load(tmp_path / "out").spec == ours.spec
 
 
@@ -251,8 +186,7 @@ def test_gemma_legacy_config(tmp_path):
     ours = load(tmp_path / "src")
     assert ours.spec.activation == "gelu_tanh" and ours.spec.rope_theta == 500.0
     x = text_inputs()
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
+    out = our_outputs(ours, x)
     assert max_diff(kept(reference(model, x)["logits"], x), kept(out["logits"], x)) <= 1e-5
     save(ours, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -264,9 +198,8 @@ def test_gemma_legacy_config(tmp_path):
 def test_gemma_exact_gelu_cannot_be_written(tmp_path):
     build(tmp_path, "gemma-mqa-tied")
     ours = load(tmp_path / "src")
-    with pytest.raises(LigoError, match="hidden_act cannot express 'gelu'"):
-        save(from_tensors(ours.spec.replace(activation="gelu"), ours.materialize(), "gemma"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    refused_to_write(ours.spec.replace(activation="gelu"), ours.materialize(), "gemma", tmp_path / "out",
+                     "hidden_act cannot express 'gelu'")
 
 
 def test_gemma2_transformers4_config(tmp_path):
@@ -322,18 +255,6 @@ def test_gemma3_writes_both_rotary_spellings(tmp_path):
 # --- refusals ------------------------------------------------------------------------------------------------------
 
 
-def refused_by_cli(tmp_path, text: str) -> None:
-    """`convert` and `inspect` exit 2 with one line naming ``text``; nothing is written."""
-    before = sorted(p.name for p in tmp_path.iterdir())
-    for args in (["convert", tmp_path / "src", "--out", tmp_path / "out"], ["inspect", tmp_path / "src"]):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        assert result.exit_code == 2, (result.output, result.exception)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-
-
 @pytest.mark.parametrize("case, change, key", [
     ("gemma-mqa-tied", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_parameters.rope_type"),
@@ -351,9 +272,7 @@ def refused_by_cli(tmp_path, text: str) -> None:
 def test_refuses_by_config_key(tmp_path, case, change, key):
     build(tmp_path, case)
     edit_config(tmp_path / "src", **change)
-    with pytest.raises(LigoError, match=key):
-        load(tmp_path / "src")
-    refused_by_cli(tmp_path, key)
+    refused(tmp_path, key)
 
 
 def test_gemma3_layer_types_without_a_rule_refused(tmp_path):
@@ -424,29 +343,22 @@ def test_grow_with_every_baseline(tmp_path, family):
     """Every baseline writes a model transformers loads without missing/unexpected keys; where growth.json claims
     the function is preserved, transformers' logits of the grown model equal the source's."""
     cls, make_config = GROW_SOURCES[family]
-    model = getattr(transformers, cls)(make_config()).eval()
-    randomise(model)
-    model.save_pretrained(tmp_path / "src")
+    model = save_randomised(cls, make_config(), tmp_path / "src")
     x = text_inputs()
     before = kept(reference(model, x)["logits"], x)
     wrong, exact = [], []
     for k, (method, sizes) in enumerate(BASELINE_TARGETS):
         out = tmp_path / f"{method}-{k}"
-        try:
-            grow(tmp_path / "src", out=out, method=method, eval_batches=1, batch_size=2, seq_len=16, **sizes)
-        except LigoError as e:  # a method may refuse what it cannot do losslessly: one line, nothing written
-            assert "\n" not in str(e) and not out.exists(), (method, str(e))
+        grown = grown_or_refused(tmp_path / "src", out, method, eval_batches=1, batch_size=2, seq_len=16, **sizes)
+        if grown is None:  # refused in one line, nothing written
             continue
-        grown = load(out)
         assert grown.family == family and grown.spec.layers == sizes["layers"]
-        again, info = getattr(transformers, cls).from_pretrained(out, output_loading_info=True, **EAGER)
-        assert loading_problems(info) == {}, (method, info)
+        again = hf_load(getattr(transformers, cls), out, method, **EAGER)
         if family != "gemma":  # the window pattern is written for the grown layer count
             assert again.config.layer_types == ["sliding_attention" if grown.spec.windowed(i) else "full_attention"
                                                 for i in range(sizes["layers"])]
-        report = json.loads((out / "growth.json").read_text())
-        assert report["method"] == method
-        after = kept(reference(again.eval(), x)["logits"], x)
+        report = growth_report(out, method)
+        after = kept(reference(again, x)["logits"], x)
         if report["function_preserving"]:
             exact.append(method)
             if max_diff(before, after) > 1e-4:
@@ -475,17 +387,13 @@ def test_grown_gemma3_keeps_its_window_rule(tmp_path):
 
 
 def test_eval_torch_equals_transformers_and_onnx(tmp_path):
-    from ligo_convert import data
     from ligo_convert.evaluate import evaluate
 
     cls, make_config = GROW_SOURCES["gemma2"]
     model = getattr(transformers, cls)(make_config()).eval()
     model.save_pretrained(tmp_path / "src")
     got = evaluate(tmp_path / "src", max_batches=1, batch_size=4, seq_len=16)
-    batch = next(data.batches(load(tmp_path / "src").spec, None, tmp_path / "src", split="val", batch_size=4,
-                              seq_len=16, repeat=False))
-    with torch.no_grad():
-        ref = model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()
+    ref = transformers_loss(model, tmp_path / "src", batch_size=4, seq_len=16)
     assert got["loss"] == pytest.approx(ref, rel=1e-5)
     onnx = evaluate(tmp_path / "src", engine="onnx", max_batches=1, batch_size=4, seq_len=16)
     assert onnx["count"] == got["count"] and onnx["loss"] == pytest.approx(got["loss"], rel=1e-4)

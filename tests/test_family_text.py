@@ -9,8 +9,10 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ligo_convert import LigoError, forward, from_tensors, load, save
-from helpers import assert_same_files, loading_problems, max_diff, read_all
+from ligo_convert import LigoError, load, save
+from family_checks import (assert_close, check_round_trip, edit_config, from_template, our_outputs,
+                           padded_text_inputs as text_inputs, read_whole, reference, save_randomised)
+from helpers import assert_same_files, max_diff, read_all
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 GPT2 = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)
@@ -43,83 +45,35 @@ COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_hea
             "hidden_act", "activation_function", "architectures")
 
 
-def text_inputs(pad_token_id: int) -> dict:
-    """Two sequences, the second right-padded with the pad id (RoBERTa's positions skip padding tokens)."""
-    ids = torch.randint(3, 99, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0
-    ids[1, 5:] = pad_token_id
-    return dict(input_ids=ids, attention_mask=mask)
-
-
-def reference(model, x: dict) -> dict:
-    with torch.no_grad():
-        out = model(**x)
-    if hasattr(out, "logits"):
-        return {"logits": out.logits}
-    ref = {"hidden": out.last_hidden_state}
-    if getattr(out, "pooler_output", None) is not None:
-        ref["pooled"] = out.pooler_output
-    return ref
-
-
 def rope_theta(config) -> float | None:
     params = getattr(config, "rope_parameters", None)
     return params.get("rope_theta") if params else None
 
 
+def pad_id(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+
 def build(tmp_path, case: str):
     cls, config, family, _ = CASES[case]
-    model = getattr(transformers, cls)(config).eval()
-    # transformers leaves LayerNorm/RMSNorm weights at 1 and biases at 0: randomise them so a swapped or dropped
-    # norm tensor shows in the outputs
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
-                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
-    model.save_pretrained(tmp_path / "src")
-    return model, family
+    return save_randomised(cls, config, tmp_path / "src"), family
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_transformers(tmp_path, case):
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    assert ours.family == family
-    assert ours.mapping.unmapped == [] and ours.mapping.dropped == []
-    x = text_inputs(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
-    ref = reference(model, x)
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
-    assert set(ref) <= set(out)
-    for k, v in ref.items():
-        assert max_diff(v, out[k]) <= 1e-5, (k, max_diff(v, out[k]))
+    ours = read_whole(tmp_path / "src", family)
+    x = text_inputs(pad_id(model))
+    assert_close(reference(model, x), our_outputs(ours, x))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip(tmp_path, case):
-    model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(ours, tmp_path / "out")
-    assert_same_files(tmp_path / "src", tmp_path / "out")
-
-    cls = getattr(transformers, CASES[case][0])
-    again, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert loading_problems(info) == {}
-    x = text_inputs(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
-    first, second = reference(model, x), reference(again.eval(), x)
-    for k in first:
-        assert torch.equal(first[k], second[k]), k
-
-    src = transformers.AutoConfig.from_pretrained(tmp_path / "src")
-    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert type(out) is type(src)
-    for key in COMPARED:
-        if hasattr(src, key):  # keys the source class lacks (Qwen2's head_dim, mlp_bias) may be written, unused
-            assert getattr(out, key) == getattr(src, key), key
+    model, _ = build(tmp_path, case)
+    # keys the source class lacks (Qwen2's head_dim, mlp_bias) may be written, unused: not compared
+    _, src, out = check_round_trip(tmp_path, model, getattr(transformers, CASES[case][0]),
+                                   lambda: text_inputs(pad_id(model)), reference, COMPARED)
     assert rope_theta(out) == rope_theta(src)
-    # ...and the spec read back from our own output is the one we wrote
-    assert load(tmp_path / "out").spec == ours.spec
 
 
 @pytest.mark.parametrize("case", ["LlamaForCausalLM-untied", "LlamaForCausalLM-tied", "Qwen2ForCausalLM",
@@ -165,8 +119,7 @@ def test_llama_config_with_only_rope_theta(tmp_path):
 ])
 def test_llama_refuses_scaled_rope(tmp_path, change, message):
     build(tmp_path, "LlamaForCausalLM-untied")
-    path = tmp_path / "src" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    edit_config(tmp_path / "src", **change)
     with pytest.raises(LigoError, match=message):
         load(tmp_path / "src")
 
@@ -193,8 +146,7 @@ def test_gpt2_bare_names_with_mask_buffers(tmp_path):
     assert sorted(ours.mapping.dropped) == sorted(buffers)
     assert ours.spec.head == "lm" and ours.spec.tie_embeddings
     x = text_inputs(0)
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
+    out = our_outputs(ours, x)
     assert max_diff(reference(model, x)["logits"], out["logits"]) <= 1e-5
 
     save(ours, tmp_path / "out")
@@ -219,8 +171,7 @@ def test_gpt2_fused_qkv_is_split_by_columns(tmp_path):
 @pytest.mark.parametrize("key, value", [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)])
 def test_gpt2_refuses_other_attention_scaling(tmp_path, key, value):
     build(tmp_path, "GPT2Model")
-    path = tmp_path / "src" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    edit_config(tmp_path / "src", **{key: value})
     with pytest.raises(LigoError, match=key):
         load(tmp_path / "src")
 
@@ -245,8 +196,7 @@ def test_roberta_drops_stored_decoder_copy(tmp_path):
     ours = load(old)
     assert sorted(ours.mapping.dropped) == ["lm_head.decoder.bias", "lm_head.decoder.weight"]
     x = text_inputs(1)
-    with torch.no_grad():
-        out = forward(ours.spec, ours.materialize(), **x)
+    out = our_outputs(ours, x)
     assert max_diff(reference(model, x)["logits"], out["logits"]) <= 1e-5
     save(ours, tmp_path / "out")
     assert_same_files(old, tmp_path / "out")
@@ -258,18 +208,10 @@ def test_written_from_tensors_without_source_config(tmp_path, case):
     """A model made in memory (as growth makes one) has no source config: the descriptor alone writes a config that
     transformers loads into the same model, with the model class, tie and bias flags matching the tensors."""
     model, family = build(tmp_path, case)
-    ours = load(tmp_path / "src")
-    save(from_tensors(ours.spec, ours.materialize(), family), tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["model_type"] == model.config.model_type
-    assert written["architectures"] == [CASES[case][0]]
-    again, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True) \
-        if case.startswith("Roberta") else \
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert type(again) is type(model)
-    assert loading_problems(info) == {}
-    x = text_inputs(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
-    assert torch.equal(reference(model, x)["logits"], reference(again.eval(), x)["logits"])
+    auto = transformers.AutoModelForMaskedLM if case.startswith("Roberta") else transformers.AutoModelForCausalLM
+    _, again = from_template(tmp_path, model, family, auto)
+    x = text_inputs(pad_id(model))
+    assert torch.equal(reference(model, x)["logits"], reference(again, x)["logits"])
 
 
 def test_position_schemes_do_not_cross_silently(tmp_path):

@@ -1,0 +1,42 @@
+"""The command line's thread count comes from the cores this process may use (affinity, cgroup quota); a user's
+OMP_NUM_THREADS wins."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ligo_convert import threads
+
+
+def test_quota_caps_the_affinity(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: one whole core
+    assert threads.usable_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.usable_cores(tmp_path) == 8
+    (tmp_path / "cpu.max").unlink()
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("300000")
+    (v1 / "cpu.cfs_period_us").write_text("100000")
+    assert threads.usable_cores(tmp_path) == 3
+    (v1 / "cpu.cfs_quota_us").write_text("-1")  # unlimited
+    assert threads.usable_cores(tmp_path) == 8
+
+
+def test_affinity_counts_not_the_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert threads.usable_cores(tmp_path) == 1
+
+
+def test_users_choice_wins(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert threads.configure({"OMP_NUM_THREADS": "1"}) is None
+        assert torch.get_num_threads() == before
+        monkeypatch.setattr(threads, "usable_cores", lambda: 1)
+        assert threads.configure({}) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
