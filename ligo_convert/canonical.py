@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import (PlannedTensor, TensorReader, atomic_folder, carry_files, read_config, resolve_source,
-                         write_sharded)
+from .checkpoint import (PlannedTensor, TensorReader, atomic_folder, carry_files, carry_sentence_transformers,
+                         read_config, resolve_source, write_sharded)
 from .descriptors import QUANTISATION_SUFFIXES, Descriptor, Mapping, detect_family, get_descriptor, shape_to_disk
 from .errors import LigoError
 from .spec import Spec
@@ -235,6 +235,7 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if model.source is not None:
             carry_files(model.source, tmp)
+            carry_sentence_transformers(model.source, tmp, spec.width)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)

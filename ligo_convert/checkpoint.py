@@ -330,6 +330,67 @@ def carry_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+# sentence-transformers: the module list and its configs, beside the transformer's own files
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# module types that only pool or normalise the token vectors: they follow any width
+ST_WIDTH_FREE = ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+                 "sentence_transformers.models.Normalize")
+
+
+def sentence_transformer_modules(folder: Path) -> list[dict]:
+    """The modules a sentence-transformers folder lists in modules.json (empty when it is no such folder)."""
+    path = folder / "modules.json"
+    if not path.is_file():
+        return []
+    try:
+        modules = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LigoError(f"{path}: not valid JSON ({e}); restore the file") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path", ""), str)
+                                                  for m in modules):
+        raise LigoError(f"{path}: expected a list of modules with a path each; restore the file")
+    return modules
+
+
+def check_sentence_transformer_width(folder: Path, width: int, new_width: int) -> None:
+    """Refuse a width change a sentence-transformers module after the pooling cannot follow (a Dense layer reads
+    the old width)."""
+    if new_width == width:
+        return
+    for module in sentence_transformer_modules(folder):
+        if module.get("type") not in ST_WIDTH_FREE:
+            raise LigoError(f"{folder / 'modules.json'}: module {module.get('path') or module.get('name')!r} "
+                            f"({module.get('type')}) reads the width {width}, which growth changes to {new_width}; "
+                            f"remove it from modules.json or keep the width")
+
+
+def carry_sentence_transformers(source: Path, dest: Path, width: int) -> list[str]:
+    """Copy a sentence-transformers folder's own files and module folders, the pooling set to ``width``, so the
+    result still loads in ``SentenceTransformer``.  Returns the names copied."""
+    modules = sentence_transformer_modules(source)
+    if not modules:
+        return []
+    copied = [name for name in ST_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copy2(source / name, dest / name)
+    for module in modules:
+        sub = module.get("path", "")
+        if not sub or not (source / sub).is_dir() or Path(sub).is_absolute() or ".." in Path(sub).parts:
+            continue
+        shutil.copytree(source / sub, dest / sub)
+        config = dest / sub / "config.json"
+        if config.is_file():
+            try:
+                data = json.loads(config.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LigoError(f"{source / sub / 'config.json'}: not valid JSON ({e}); restore the file") from None
+            if isinstance(data, dict) and data.get("word_embedding_dimension", width) != width:
+                data["word_embedding_dimension"] = width
+                config.write_text(json.dumps(data, indent=2) + "\n")
+        copied.append(sub + "/")
+    return copied
+
+
 def parse_size(size: str | int) -> int:
     from huggingface_hub.serialization._base import parse_size_to_int
 

@@ -303,6 +303,7 @@ def _toml_key(value):
 # Which spec field a width space measures.  q/k/v are measured as flat widths (heads x head_dim).
 _MEASURES = {
     "residual": "width",
+    "embedding": "embedding_size",  # the width where the family has no embedding size of its own (stored as 0)
     "mlp": "mlp",
     "vocab": "vocab_size",
     "types": "type_vocab_size",
@@ -635,6 +636,8 @@ class Descriptor:
             head = "mlm"
         elif "lm_head.weight" in present:
             head = "lm"
+        elif "token_head.weight" in present:
+            head = "token_binary"
         # A tied LM head leaves no tensor behind: the config's model class tells.
         for arch in self.architectures:
             if arch.name in (config.get("architectures") or []):
@@ -720,12 +723,12 @@ class Descriptor:
 # fixes them ([spec]) nor stores them ([config], [config.defaults], [derive]) can only hold their default value.
 _UNTENSORED = ("norm_offset", "embed_scale", "parallel_residual", "positions_from_mask", "rope_local_theta",
                "rotary_fraction", "score_scale_dim", "attn_softcap", "final_softcap", "sliding_window",
-               "window_start", "window_period")
+               "window_start", "window_period", "mlm_activation")
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Spec)}
 
 # Spec fields whose values are strings, never expressions.
 _STRING_FIELDS = {"activation", "norm", "norm_placement", "input", "positions", "head", "qk_norm", "pool",
-                  "gate_activation"}
+                  "gate_activation", "mlm_activation"}
 
 
 def _windows_from_layer_types(values: dict) -> None:

@@ -29,7 +29,7 @@ import torch
 from . import __version__, options
 from . import data as data_mod
 from .canonical import CanonicalModel, from_tensors, load, save
-from .checkpoint import read_config, resolve_source
+from .checkpoint import check_sentence_transformer_width, read_config, resolve_source
 from .descriptors import Descriptor, detect_family, get_descriptor
 from .errors import LigoError
 from .exprs import Unresolved, evaluate
@@ -290,6 +290,8 @@ def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
     check_growable(src.spec, spec_t)
     out_family = o.family or target_family or src.family
     check_family(spec_t, src.spec, out_family)
+    if src.source is not None:  # a sentence-transformers folder keeps its modules: each must follow the width
+        check_sentence_transformer_width(src.source, src.spec.width, spec_t.width)
     _check_options(o)
     method_info = baselines.describe(o.method, src.spec, spec_t) if o.method != "ligo" else {}  # refusals here
     out = o.out

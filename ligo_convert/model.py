@@ -148,6 +148,8 @@ def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None
             x = x + rows(w["embed.types"], token_type_ids)
     if spec.embed_norm:
         x = norm(spec, w, "embed.norm", x)
+    if spec.embed_proj:  # tables of embedding_size, projected into the residual stream (ELECTRA)
+        x = linear(w, "embed.proj", x)
     return x
 
 
@@ -331,7 +333,7 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
             layer_weights: Callable[[int], Mapping[str, Tensor]] | None = None, checkpoint: bool = False,
             attention: str = "sdpa", lazy_logits: bool = False) -> dict[str, Tensor]:
     """Run the model.  Returns ``hidden`` (last hidden state, after the final norm), and where the spec has them
-    ``pooled``, ``logits`` (classifier, MLM or LM) and ``pair_logits``.
+    ``pooled``, ``logits`` (classifier, MLM or LM; a per-token binary head's (B, T)) and ``pair_logits``.
 
     ``layer_weights(i)`` gives block i's weights when it runs (default: they are in ``w``); with ``checkpoint`` each
     block runs under non-reentrant activation checkpointing, so its weights and activations are made again in the
@@ -406,6 +408,9 @@ def finish(spec: Spec, w: Mapping[str, Tensor], x: Tensor, lazy_logits: bool = F
         if spec.dist_head:  # DeiT with teacher: the prediction is the mean of the cls and distillation heads
             logits = (logits + linear(w, "head_dist", x[:, 1])) / 2
         out["logits"] = logits
+    elif spec.head == "token_binary":  # one logit per token (ELECTRA's discriminator): (B, T)
+        h = activation(spec.activation, linear(w, "token_head.dense", x))
+        out["logits"] = linear(w, "token_head", h).squeeze(-1)
     elif spec.head in ("mlm", "lm"):
         decode = decoder(spec, w)
         if lazy_logits:
@@ -437,7 +442,8 @@ def decoder(spec: Spec, w: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
     def decode(h: Tensor) -> Tensor:
         if spec.head == "mlm":
             if spec.mlm_transform:
-                h = norm(spec, w, "mlm.norm", activation(spec.activation, linear(w, "mlm.dense", h)))
+                act = spec.mlm_activation or spec.activation
+                h = norm(spec, w, "mlm.norm", activation(act, linear(w, "mlm.dense", h)))
             return project(h, table, w["mlm.bias"])
         logits = project(h, table)
         return softcap(logits, spec.final_softcap) if spec.final_softcap else logits

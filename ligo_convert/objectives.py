@@ -25,6 +25,9 @@ from .errors import LigoError
 from .spec import Spec
 
 OBJECTIVES = ("auto", "task", "distill")
+# Heads whose task the data cannot give labels for, and why.
+NO_TASK_DATA = {"token_binary": "the per-token binary head (replaced-token detection) needs the tokens a generator "
+                                "replaced, which the data does not give"}
 
 
 def choose_objective(spec: Spec, requested: str = "auto") -> tuple[str, str]:
@@ -33,10 +36,14 @@ def choose_objective(spec: Spec, requested: str = "auto") -> tuple[str, str]:
         raise LigoError(f"unknown objective {requested!r}; choose one of {', '.join(OBJECTIVES)}")
     if requested == "task" and spec.head == "none":
         raise LigoError("this model has no output head, so it has no task loss; use --objective distill")
+    if requested == "task" and spec.head in NO_TASK_DATA:
+        raise LigoError(f"--objective task: {NO_TASK_DATA[spec.head]}; use --objective distill")
     if requested != "auto":
         return requested, f"{requested} (as asked)"
     if spec.head == "none":
         return "distill", "distill: the model has no output head, so it learns to match the source's hidden states"
+    if spec.head in NO_TASK_DATA:
+        return "distill", f"distill: {NO_TASK_DATA[spec.head]}, so it learns to match the source's logits"
     what = {"classifier": "image/sequence classification", "mlm": "masked LM (15 % masking)", "lm": "causal LM"}
     return "task", f"task: {what[spec.head]}, the model's own head"
 
@@ -84,6 +91,8 @@ def task_terms(spec: Spec, outputs: dict, batch: dict) -> tuple[Tensor, Tensor]:
     """(summed cross-entropy, number of predictions) for the spec's head."""
     if spec.head == "none":
         raise LigoError("this model has no output head, so it has no task loss; use the distill objective")
+    if spec.head in NO_TASK_DATA:
+        raise LigoError(f"this model has no task loss here: {NO_TASK_DATA[spec.head]}; use the distill objective")
     if "labels" not in batch:
         raise LigoError(f"the data gives no labels for this model's {spec.head} head")
     if "decode" in outputs and spec.head in ("mlm", "lm"):
@@ -111,11 +120,14 @@ def task_loss(spec: Spec, outputs: dict, batch: dict) -> Tensor:
 
 def distill_terms(spec: Spec, outputs: dict, teacher: dict, batch: dict) -> tuple[Tensor, Tensor]:
     """(summed distillation loss, count): KL(teacher || student) per example (classifier) or per real token (LM
-    heads); for models without logits, the squared difference of token-to-token cosine similarities per sequence."""
+    heads; for a per-token binary head, of each token's two-class distribution); for models without logits, the
+    squared difference of token-to-token cosine similarities per sequence."""
     mask = batch.get("attention_mask")
     if "logits" in outputs or "decode" in outputs:
-        s = F.log_softmax(logits_of(outputs).float(), dim=-1)
-        t = F.log_softmax(logits_of(teacher).float(), dim=-1)
+        s, t = logits_of(outputs).float(), logits_of(teacher).float()
+        if spec.head == "token_binary":  # one logit per token: the two-class distribution (sigmoid(z), 1 - ...)
+            s, t = (torch.stack([z, torch.zeros_like(z)], dim=-1) for z in (s, t))
+        s, t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
         kl = (t.exp() * (t - s)).sum(-1)  # (B,) or (B, T)
         if kl.dim() == 2 and mask is not None:
             kl = kl * mask

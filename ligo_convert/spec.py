@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 # Canonical tensor name -> the width space of each axis.  ``{i}`` is a layer index.  Spaces whose name is in
 # PER_LAYER_SPACES belong to one layer: ``q`` of layer 3 is a different space from ``q`` of layer 4.
 CANONICAL: dict[str, tuple[str, ...]] = {
-    "embed.tokens": ("vocab", "residual"),
-    "embed.positions": ("positions", "residual"),
-    "embed.types": ("types", "residual"),
+    # the token/position/type tables and their norm live in the ``embedding`` space: embedding_size, which is the
+    # width itself unless a family embeds in a smaller space and projects into the stream (``embed.proj``: ELECTRA,
+    # ALBERT).  Where the two are one size in both models, growth treats ``embedding`` as ``residual``
+    "embed.tokens": ("vocab", "embedding"),
+    "embed.positions": ("positions", "embedding"),
+    "embed.types": ("types", "embedding"),
     "embed.patch.weight": ("residual", "channels", "patch", "patch"),
     "embed.patch.bias": ("residual",),
     "embed.cls": ("one", "residual"),
@@ -24,8 +27,11 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     # DINOv2's mask token: a residual-stream vector that replaces masked patches in masked-image pretraining; kept
     # (and grown) with the model, unused by the forward, which takes no patch mask
     "embed.mask": ("residual",),
-    "embed.norm.weight": ("residual",),
-    "embed.norm.bias": ("residual",),
+    "embed.norm.weight": ("embedding",),
+    "embed.norm.bias": ("embedding",),
+    # embedding_size -> width, after the embedding norm; only where embedding_size differs from the width
+    "embed.proj.weight": ("residual", "embedding"),
+    "embed.proj.bias": ("residual",),
     "layers.{i}.attn_norm.weight": ("residual",),
     "layers.{i}.attn_norm.bias": ("residual",),
     # q/k norms: per head (one head_dim vector shared by every head: Qwen3, Gemma 3) or over the whole projection
@@ -77,14 +83,21 @@ CANONICAL: dict[str, tuple[str, ...]] = {
     "head_mean.weight": ("classes", "residual"),
     "head_dist.weight": ("classes", "residual"),
     "head_dist.bias": ("classes",),
-    "mlm.dense.weight": ("residual", "residual"),
-    "mlm.dense.bias": ("residual",),
-    "mlm.norm.weight": ("residual",),
-    "mlm.norm.bias": ("residual",),
+    # the MLM transform writes the space its decoder (the tied token table) reads: the embedding space
+    "mlm.dense.weight": ("embedding", "residual"),
+    "mlm.dense.bias": ("embedding",),
+    "mlm.norm.weight": ("embedding",),
+    "mlm.norm.bias": ("embedding",),
     "mlm.bias": ("vocab",),
+    # a per-token binary head (ELECTRA's replaced-token discriminator): dense + activation, then one logit per token
+    "token_head.dense.weight": ("residual", "residual"),
+    "token_head.dense.bias": ("residual",),
+    "token_head.weight": ("one", "residual"),
+    "token_head.bias": ("one",),
     "pair_head.weight": ("pair_classes", "residual"),
     "pair_head.bias": ("pair_classes",),
-    "lm_head.weight": ("vocab", "residual"),
+    # an untied LM/MLM decoder reads what a tied one reads: the embedding space (the width for LM heads)
+    "lm_head.weight": ("vocab", "embedding"),
 }
 
 PER_LAYER_SPACES = frozenset({"q", "k", "v", "o", "mlp"})
@@ -126,7 +139,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "quick_gelu")
 NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post", "sandwich", "output")
 QK_NORMS = ("none", "head", "proj")
-HEADS = ("none", "classifier", "mlm", "lm")
+HEADS = ("none", "classifier", "mlm", "lm", "token_binary")
 POOLS = ("none", "first", "eos")
 
 
@@ -158,6 +171,9 @@ class Spec:
     embed_scale: bool = False  # token embeddings multiplied by sqrt(width), rounded to the model's dtype (Gemma)
     vocab_size: int = 0
     type_vocab_size: int = 0
+    # the width of the token/position/type tables (and an MLM head's decoder); 0: the width itself.  A different
+    # size adds embed.proj (embedding_size -> width); a value equal to the width is stored as 0
+    embedding_size: int = 0
     # positions
     positions: str = "learned"  # "learned", "rotary" or "none"
     max_positions: int = 0  # rows of the learned table for text models
@@ -199,6 +215,7 @@ class Spec:
     pair_head: bool = False  # BERT's next-sentence head, on the pooled output
     tie_embeddings: bool = False  # lm/mlm decoder is embed.tokens
     mlm_transform: bool = True  # mlm head has dense + act + norm before the decoder
+    mlm_activation: str = ""  # the MLM transform's activation where it is not ``activation`` (ELECTRA: gelu)
     final_softcap: float = 0.0  # LM logits -> cap * tanh(logits / cap) (Gemma 2); 0: none
     # the pooled output without a dense pooler: "none", "first" (the first token: DINOv2, CLIP vision) or "eos" (the
     # first place of pool_token_id in each row, or with pool_token_id -1 the place of the row's highest id: CLIP text)
@@ -213,6 +230,8 @@ class Spec:
     def __post_init__(self):
         if not self.kv_heads:
             self.kv_heads = self.heads
+        if self.embedding_size == self.width:
+            self.embedding_size = 0
 
     # -- sizes of the spaces -------------------------------------------------------------------------------------
     @property
@@ -225,6 +244,16 @@ class Spec:
         if self.input == "patches":
             return (self.image_size // self.patch_size) ** 2 + self.prefix_tokens
         return self.max_positions
+
+    @property
+    def embed_width(self) -> int:
+        """Size of the embedding space: embedding_size, or the width where it is 0."""
+        return self.embedding_size or self.width
+
+    @property
+    def embed_proj(self) -> bool:
+        """Whether the embeddings are projected into the residual stream (embedding_size differs from the width)."""
+        return self.embed_width != self.width
 
     @property
     def rotary_dim(self) -> int:
@@ -240,6 +269,7 @@ class Spec:
         kind = space_kind(space)
         return {
             "residual": self.width,
+            "embedding": self.embed_width,
             "q": self.heads * self.head_dim,
             "k": self.kv_heads * self.head_dim,
             "v": self.kv_heads * self.head_dim,
@@ -289,6 +319,8 @@ class Spec:
             names.append("embed.positions")
         if self.embed_norm:
             norm("embed.norm")
+        if self.embed_proj:
+            names += ["embed.proj.weight", "embed.proj.bias"]
         for i in range(self.layers):
             p = f"layers.{i}."
             in_norms = self.norm_placement != "output"  # pre/post/sandwich have attn_norm and mlp_norm
@@ -345,6 +377,8 @@ class Spec:
         elif self.head == "lm":
             if not self.tie_embeddings:
                 names.append("lm_head.weight")
+        elif self.head == "token_binary":
+            names += ["token_head.dense.weight", "token_head.dense.bias", "token_head.weight", "token_head.bias"]
         if self.pair_head:
             names += ["pair_head.weight", "pair_head.bias"]
         return names
@@ -372,7 +406,7 @@ class Spec:
 
     def check(self) -> None:
         """Raise ValueError on an inconsistent spec."""
-        for act in (self.activation, self.gate_activation or self.activation):
+        for act in (self.activation, self.gate_activation or self.activation, self.mlm_activation or self.activation):
             if act not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
         if self.pool not in POOLS:
@@ -393,6 +427,13 @@ class Spec:
             raise ValueError(f"unknown head {self.head!r} (known: {', '.join(HEADS)})")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.embedding_size < 0:
+            raise ValueError(f"embedding_size must be positive (0: the width), not {self.embedding_size}")
+        if self.embed_proj and self.input != "tokens":
+            raise ValueError("an embedding size apart from the width needs token input")
+        if self.embed_proj and (self.head == "lm" or (self.head == "mlm" and not self.mlm_transform)):
+            raise ValueError(f"a decoder that reads the last hidden states (width {self.width}) cannot use tables of "
+                             f"embedding_size {self.embedding_size}")
         if self.positions == "rotary" and (self.rotary_dim % 2 or self.rotary_dim <= 0):
             raise ValueError(f"rotary positions need an even, positive number of rotary dims (head_dim "
                              f"{self.head_dim} x fraction {self.rotary_fraction} = {self.rotary_dim})")

@@ -78,6 +78,12 @@ CASES = {
     "opt": ("opt", "OPTForCausalLM", transformers.OPTConfig(
         **{k: v for k, v in TEXT.items() if k != "intermediate_size"}, ffn_dim=37, max_position_embeddings=64),
         None),
+    # ELECTRA: tables of embedding_size 16 projected into the width of 32; the discriminator's one logit per token
+    # (batch x sequence), the generator's MLM head in the embedding space (gelu, tied decoder)
+    "electra": ("electra", "ElectraForPreTraining", transformers.ElectraConfig(**TEXT, embedding_size=16,
+                                                                               max_position_embeddings=64), None),
+    "electra-generator": ("electra", "ElectraForMaskedLM", transformers.ElectraConfig(
+        **TEXT, embedding_size=16, max_position_embeddings=64), None),
 }
 
 

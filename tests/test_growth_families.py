@@ -125,6 +125,14 @@ BUILDERS["llama"] = BUILDERS["llama"] + [
                                       use_sliding_window=True, sliding_window=3, max_window_layers=1),
      dict(BIG, kv_heads=3), "text")]
 
+# ELECTRA: the discriminator with tables of embedding_size 16 projected into a width of 32 (growth keeps 16, fits by
+# distillation); the generator with embedding_size = hidden_size (its tables grow with the width)
+ELECTRA = dict(TEXT, max_position_embeddings=64)
+BUILDERS["electra"] = [("ElectraForPreTraining-emb16", "ElectraForPreTraining",
+                        lambda: transformers.ElectraConfig(**ELECTRA, embedding_size=16), BIG, "text"),
+                       ("ElectraForMaskedLM-emb32", "ElectraForMaskedLM",
+                        lambda: transformers.ElectraConfig(**ELECTRA, embedding_size=32), BIG, "text")]
+
 CASES = [(family, case) for family in sorted(load_descriptors()) for case in BUILDERS.get(family, [(None,) * 5])]
 
 

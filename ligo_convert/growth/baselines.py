@@ -72,10 +72,10 @@ LOOKUPS = frozenset({"embed.tokens", "embed.positions", "embed.types", "embed.cl
 ZERO_OUTPUT = ("o.weight", "o.bias", "fc2.weight", "fc2.bias", "attn_out_norm.bias", "mlp_out_norm.bias")
 # Canonical tensors that add to the residual stream (its writers).
 STREAM_WRITERS = LOOKUPS | {"embed.patch.weight", "embed.patch.bias", "layers.{i}.o.weight", "layers.{i}.o.bias",
-                            "layers.{i}.fc2.weight", "layers.{i}.fc2.bias"}
+                            "layers.{i}.fc2.weight", "layers.{i}.fc2.bias", "embed.proj.weight", "embed.proj.bias"}
 # Readers whose input is not the output of a norm (the pooled vector): under average expansion their new input
 # channels carry the old channels' mean, not zero, so they must read them with zero weight.
-READS_UNNORMALISED = frozenset({"pair_head.weight"})
+READS_UNNORMALISED = frozenset({"pair_head.weight", "token_head.weight"})
 
 
 @dataclass
@@ -316,6 +316,10 @@ def widen(name: str, x: Tensor, target: Spec, residual: Growth | None, own: Mapp
     tags = CANONICAL[pattern]
     for axis, tag in enumerate(tags):
         kind = space_kind(tag)
+        if kind == "embedding":  # the embedding size is kept; where it is the width, it is the residual stream
+            if target.embed_proj:
+                continue
+            kind = "residual"
         gr = residual if kind == "residual" else own.get(kind) if kind in PER_LAYER_SPACES else None
         if gr is None:
             continue

@@ -34,8 +34,10 @@ from . import init as inits
 LEARN = ("both", "width", "depth")
 # Spaces measured in heads: which head count sizes them (the rest of the spec's spaces are plain channels).
 HEAD_SPACES = {"q": "heads", "o": "heads", "k": "kv_heads", "v": "kv_heads"}
-# A space that uses another's matrix when both have the same size in both models.
-TIED = {"o": "v"}
+# A space that uses another's matrix when both have the same size in both models: O's input uses V's; the embedding
+# space (token/position/type tables, embedding norm, MLM decoder) is the residual stream wherever embedding_size is
+# the width (every family without an embedding projection), so it grows by B_emb as the stream does.
+TIED = {"o": "v", "embedding": "residual"}
 # Spec fields a growth target may change; everything else must stay as the source has it.
 SIZE_FIELDS = ("layers", "width", "heads", "kv_heads", "mlp")
 # Tables the fitting forward keeps factored (rows looked up / decoded through B_emb): the vocabulary is the only
@@ -49,6 +51,10 @@ def check_growable(source: Spec, target: Spec) -> None:
         raise LigoError(f"the target has head_dim {target.head_dim} but the source has {source.head_dim}; LiGO keeps "
                         f"the head dimension and grows the number of heads — choose heads = q width / "
                         f"{source.head_dim}")
+    if source.embed_proj and target.width == source.embed_width > source.width:
+        raise LigoError(f"the target's width {target.width} is the source's embedding_size: growth keeps the "
+                        f"embedding size, and its projection into the stream (embed.proj) cannot vanish; choose "
+                        f"another width")
     fixed = {k: v for k, v in source.to_dict().items() if k not in SIZE_FIELDS and k != "labels"}
     for key, value in fixed.items():
         if getattr(target, key) != value:
