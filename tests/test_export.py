@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from ligo_convert import LigoError, Spec, from_tensors, init_weights, load, save
 from ligo_convert import export as ex
+from ligo_convert.evaluate import evaluate
 from ligo_convert.cli import main
 from ligo_convert.descriptors import load_descriptors
 
@@ -170,6 +171,18 @@ def test_export_matches_transformers_at_unseen_shapes(tmp_path, case):
             keep = x["attention_mask"].bool()
             value, expected = value[keep], expected[keep]
         assert (value - expected).abs().max().item() <= 1e-4, name
+
+    # `eval` on both engines: the exported file alone (spec from its metadata) gives the torch run's numbers
+    if spec.head in ("mlm", "lm") or spec.head == "classifier" and spec.num_classes >= DIGIT_CLASSES:
+        torch_run = evaluate(src, engine="torch", max_batches=1, batch_size=4, seq_len=16)
+        onnx_run = evaluate(tmp_path / "m.onnx", engine="onnx", max_batches=1, batch_size=4, seq_len=16)
+        assert torch_run["count"] == onnx_run["count"] > 0
+        assert abs(torch_run["loss"] - onnx_run["loss"]) <= 1e-4 * max(1.0, abs(torch_run["loss"]))
+
+
+# `eval` needs a task head the embedded data fits: an LM or MLM head on the text, a classifier with room for the
+# 10 digit classes (a bare encoder or tower has no metric; ELECTRA's discriminator needs a generator's tokens)
+DIGIT_CLASSES = 10
 
 
 def test_grown_model_exports(tmp_path):
