@@ -292,93 +292,68 @@ class Spec:
 
     # -- which canonical tensors this spec has ---------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
-        """Every canonical tensor a model of this spec has, in a stable order."""
-        has_norm_bias = self.norm == "layernorm"
-        names: list[str] = []
+        """Every canonical tensor a model of this spec has, in a stable order: inputs, layers, outputs."""
+        block = self._block_modules()
+        layers = [f"layers.{i}.{m}" for i in range(self.layers) for m in block]
+        return self._input_names() + layers + self._output_names()
 
-        def norm(prefix: str):
-            names.append(prefix + ".weight")
-            if has_norm_bias:
-                names.append(prefix + ".bias")
+    def _norm(self, prefix: str) -> list[str]:
+        return [prefix + ".weight", prefix + ".bias"] if self.norm == "layernorm" else [prefix + ".weight"]
 
+    def _input_names(self) -> list[str]:
+        """Embeddings: token or patch tables, class/distillation/mask tokens, positions, their norm and projection."""
         if self.input == "tokens":
-            names.append("embed.tokens")
-            if self.type_vocab_size:
-                names.append("embed.types")
+            names = ["embed.tokens"] + (["embed.types"] if self.type_vocab_size else [])
         else:
-            names.append("embed.patch.weight")
-            if self.patch_bias:
-                names.append("embed.patch.bias")
-            if self.mask_token:
-                names.append("embed.mask")
-            if self.cls_token:
-                names.append("embed.cls")
-            if self.dist_token:
-                names.append("embed.dist")
+            names = ["embed.patch.weight"] + (["embed.patch.bias"] if self.patch_bias else [])
+            names += [n for n, on in (("embed.mask", self.mask_token), ("embed.cls", self.cls_token),
+                                      ("embed.dist", self.dist_token)) if on]
         if self.positions == "learned":
             names.append("embed.positions")
         if self.embed_norm:
-            norm("embed.norm")
+            names += self._norm("embed.norm")
         if self.embed_proj:
             names += ["embed.proj.weight", "embed.proj.bias"]
-        for i in range(self.layers):
-            p = f"layers.{i}."
-            in_norms = self.norm_placement != "output"  # pre/post/sandwich have attn_norm and mlp_norm
-            out_norms = self.norm_placement in ("sandwich", "output")
-            if in_norms:
-                norm(p + "attn_norm")
-            for m in ("q", "k", "v"):
-                names.append(p + m + ".weight")
-                if self.qkv_bias:
-                    names.append(p + m + ".bias")
-            if self.qk_norm == "head":
-                names += [p + "q_norm.weight", p + "k_norm.weight"]
-            elif self.qk_norm == "proj":
-                names += [p + "q_proj_norm.weight", p + "k_proj_norm.weight"]
-            names.append(p + "o.weight")
-            if self.o_bias:
-                names.append(p + "o.bias")
-            if out_norms:
-                norm(p + "attn_out_norm")
-            if self.layer_scale:
-                names.append(p + "attn_scale")
-            if in_norms:
-                norm(p + "mlp_norm")
-            mats = ("gate", "fc1", "fc2") if self.gated_mlp else ("fc1", "fc2")
-            for m in mats:
-                names.append(p + m + ".weight")
-                if self.mlp_bias:
-                    names.append(p + m + ".bias")
-            if out_norms:
-                norm(p + "mlp_out_norm")
-            if self.layer_scale:
-                names.append(p + "mlp_scale")
-        if self.final_norm:
-            norm("final_norm")
+        return names
+
+    def _block_modules(self) -> list[str]:
+        """One block's module names (``q.weight``...), the same for every layer."""
+        in_norms = self.norm_placement != "output"  # pre/post/sandwich have attn_norm and mlp_norm
+        out_norms = self.norm_placement in ("sandwich", "output")
+        names = self._norm("attn_norm") if in_norms else []
+        for m in ("q", "k", "v"):
+            names += [m + ".weight"] + ([m + ".bias"] if self.qkv_bias else [])
+        names += {"head": ["q_norm.weight", "k_norm.weight"],
+                  "proj": ["q_proj_norm.weight", "k_proj_norm.weight"]}.get(self.qk_norm, [])
+        names += ["o.weight"] + (["o.bias"] if self.o_bias else [])
+        names += (self._norm("attn_out_norm") if out_norms else []) + (["attn_scale"] if self.layer_scale else [])
+        names += self._norm("mlp_norm") if in_norms else []
+        for m in ("gate", "fc1", "fc2") if self.gated_mlp else ("fc1", "fc2"):
+            names += [m + ".weight"] + ([m + ".bias"] if self.mlp_bias else [])
+        names += (self._norm("mlp_out_norm") if out_norms else []) + (["mlp_scale"] if self.layer_scale else [])
+        return names
+
+    def _output_names(self) -> list[str]:
+        """Final norm, pooler / pooled-token norm and projection, and the head."""
+        names = self._norm("final_norm") if self.final_norm else []
         if self.pooler:
             names += ["pooler.weight", "pooler.bias"]
         if self.pool_norm:
-            norm("pool_norm")
+            names += self._norm("pool_norm")
         if self.projection:
             names.append("proj.weight")
         if self.head == "classifier":
-            names += ["head.weight", "head.bias"]
-            if self.head_mean:
-                names.append("head_mean.weight")
+            names += ["head.weight", "head.bias"] + (["head_mean.weight"] if self.head_mean else [])
             if self.dist_head:
                 names += ["head_dist.weight", "head_dist.bias"]
         elif self.head == "mlm":
             if self.mlm_transform:
-                names += ["mlm.dense.weight", "mlm.dense.bias"]
-                norm("mlm.norm")
+                names += ["mlm.dense.weight", "mlm.dense.bias"] + self._norm("mlm.norm")
             names.append("mlm.bias")
-            if not self.tie_embeddings:
-                names.append("lm_head.weight")
-        elif self.head == "lm":
-            if not self.tie_embeddings:
-                names.append("lm_head.weight")
         elif self.head == "token_binary":
             names += ["token_head.dense.weight", "token_head.dense.bias", "token_head.weight", "token_head.bias"]
+        if self.head in ("mlm", "lm") and not self.tie_embeddings:
+            names.append("lm_head.weight")
         if self.pair_head:
             names += ["pair_head.weight", "pair_head.bias"]
         return names
