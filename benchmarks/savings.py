@@ -12,6 +12,10 @@ fitted for a few steps, then trained), ``stack``, ``interpolate``, ``net2net``, 
 (ligo_convert.growth.baselines), and the training-procedure baselines ``mslt`` (stacked, then only the new top
 layers trained for a while) and ``ki`` (scratch plus distillation from the small model early on).
 
+The trainer, each method's start, the accounting, the tables and the plot are the library's
+(``ligo_convert.compare``, also behind ``ligo-convert compare``); this script holds the proxies, the tuning budget and
+the multi-proxy report.
+
 Measured: FLOPs (matrix products of forward and backward, counted with torch.utils.flop_counter, LiGO's fitting
 steps and KI's teacher included) and training wall time until the validation loss first reaches scratch's final
 validation loss, and the final validation loss/accuracy.  Reported as in the paper (method, FLOPs saved %, wall saved
@@ -36,9 +40,7 @@ at the rate it does best with; results/savings_lr_check.md).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -51,20 +53,24 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's ligo_convert, not an installed copy
 
 import torch  # noqa: E402
 
+from ligo_convert.compare import methods as lib_methods  # noqa: E402
+from ligo_convert.compare.accounting import (aggregate, best_candidate, loss_at, mean_sd, paired,  # noqa: E402,F401
+                                             reach, saved, savings, steps_to_goal)
+from ligo_convert.compare.report import (PAIRED_NOTE, matched_rows, mean_curve, paired_cell, plot_panel,  # noqa: E402
+                                         save_figure, savings_rows, summary_cell)
+from ligo_convert.compare.train import KI_ALPHA, Recipe, train  # noqa: E402,F401
+
+_mean_sd = mean_sd
+
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("scratch", "ligo", "stack", "interpolate", "net2net", "aki", "lemon", "mslt", "ki")
+METHODS = lib_methods.METHODS  # scratch, ligo, the baselines, mslt, ki
 # method -> (knob, candidate values): the tuning budget
-KNOBS = {
-    "ligo": ("fit_lr", (1e-2, 3e-2, 1e-1)),  # relative: width steps by lr / D1, depth by lr / L1 (growth.fit)
-    "mslt": ("frozen_fraction", (0.1, 0.25, 0.5)),
-    "ki": ("distill_fraction", (0.1, 0.25, 0.5)),
-}
-# LiGO as the paper's official code runs it; fit_steps None: Settings.fit_steps
-LIGO_RECIPE = dict(fit_steps=None, objective="task", shared_width=False, depth_init="stack", width_init="random")
-KI_ALPHA = 0.5  # initial weight of the distillation loss; decays linearly to 0 over the distillation fraction
+KNOBS = {m: (name, candidates) for m, (name, _, candidates) in lib_methods.KNOBS.items()}
+LIGO_RECIPE = lib_methods.LIGO_RECIPE  # LiGO as the paper's official code runs it
 
 
 @dataclass
@@ -145,30 +151,39 @@ def _specs(p: Proxy):
     return small, small.replace(**p.target, kv_heads=p.target["heads"])
 
 
-def _data(p: Proxy, spec, seed: int, n: int, stream: int) -> list[dict]:
-    from ligo_convert import data as data_mod
+@dataclass
+class ProxyData:
+    """The proxy's batches as ``ligo_convert.compare`` runs read them: the embedded data through
+    ``data.batches``, or the digit pairs."""
 
-    if p.task == "digit-pairs":
-        return _digit_pairs(spec, "train", n, p.batch_size, seed + 10_000 * stream)
-    return list(islice(data_mod.batches(spec, None, None, "train", p.batch_size, p.seq_len or 64,
-                                        seed + 10_000 * stream), n))
+    p: Proxy
+    s: Settings
+
+    def train(self, spec, seed: int, stream: int):
+        from ligo_convert import data as data_mod
+
+        p = self.p
+        if p.task == "digit-pairs":
+            return _digit_pairs(spec, "train", None, p.batch_size, seed + 10_000 * stream)
+        return data_mod.batches(spec, None, None, "train", p.batch_size, p.seq_len or 64, seed + 10_000 * stream)
+
+    def val(self, spec) -> list[dict]:
+        from ligo_convert import data as data_mod
+
+        p = self.p
+        n = p.val_batches or self.s.val_batches
+        if p.task == "digit-pairs":
+            return list(_digit_pairs(spec, "val", n, p.batch_size, 0))
+        return list(islice(data_mod.batches(spec, None, None, "val", p.batch_size, p.seq_len or 64, 0), n))
 
 
-def _val(p: Proxy, spec, s: Settings) -> list[dict]:
-    from ligo_convert import data as data_mod
-
-    n = p.val_batches or s.val_batches
-    if p.task == "digit-pairs":
-        return _digit_pairs(spec, "val", n, p.batch_size, 0)
-    return list(islice(data_mod.batches(spec, None, None, "val", p.batch_size, p.seq_len or 64, 0), n))
-
-
-def _digit_pairs(spec, split: str, n: int, batch_size: int, seed: int) -> list[dict]:
+def _digit_pairs(spec, split: str, n: int | None, batch_size: int, seed: int):
     """Two-digit numbers written with scikit-learn's digits: two 8x8 digits side by side, centred on a 16x16 canvas,
     labelled 10 * left + right (100 classes).  Pairs are drawn at random from one side of ligo_convert.data's fixed
     train/validation split of the digits, so no validation digit image is ever trained on.  On the plain 8x8 digits a
     4x128 ViT trained from scratch reaches ~97 % accuracy in a few hundred steps and the growth methods' head start is
-    lost in the noise of a 360-image validation set; the pairs leave room to grow into at the same patch count."""
+    lost in the noise of a 360-image validation set; the pairs leave room to grow into at the same patch count.
+    Yields ``n`` batches (None: endless)."""
     from ligo_convert import data as data_mod
 
     if spec.image_size != 16:
@@ -177,105 +192,20 @@ def _digit_pairs(spec, split: str, n: int, batch_size: int, seed: int) -> list[d
     pool = torch.tensor(source.train if split == "train" else source.val)
     labels = torch.tensor(source.labels)
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
+    count = 0
+    while n is None or count < n:
+        count += 1
         left, right = (pool[torch.randint(len(pool), (batch_size,), generator=g)] for _ in range(2))
         canvas = torch.zeros(batch_size, 1, 16, 16)
         canvas[:, 0, 4:12, :8], canvas[:, 0, 4:12, 8:] = source.images[left], source.images[right]
         # normalised as ligo_convert.data normalises images that come without a preprocessor config
-        out.append({"pixel_values": ((canvas - 0.5) / 0.5).expand(-1, spec.num_channels, -1, -1).contiguous(),
-                    "labels": 10 * labels[left] + labels[right]})
-    return out
+        yield {"pixel_values": ((canvas - 0.5) / 0.5).expand(-1, spec.num_channels, -1, -1).contiguous(),
+               "labels": 10 * labels[left] + labels[right]}
 
 
-def _loss(spec, weights, batch, teacher=None, alpha=0.0):
-    from ligo_convert import data as data_mod
-    from ligo_convert.model import forward
-    from ligo_convert.objectives import distill_loss, task_loss
-
-    out = forward(spec, weights, **data_mod.model_inputs(batch))
-    loss = task_loss(spec, out, batch)
-    if teacher is not None and alpha > 0:
-        with torch.no_grad():
-            t = forward(teacher[0], teacher[1], **data_mod.model_inputs(batch))
-        loss = (1 - alpha) * loss + alpha * distill_loss(spec, out, t, batch)
-    return loss
-
-
-@torch.no_grad()
-def evaluate(spec, weights, val) -> tuple[float, float]:
-    from ligo_convert import data as data_mod
-    from ligo_convert.model import forward
-    from ligo_convert.objectives import evaluate_metrics
-
-    totals = None
-    for batch in val:
-        totals = evaluate_metrics(spec, forward(spec, weights, **data_mod.model_inputs(batch)), batch, totals)
-    return totals["loss"], totals["accuracy"]
-
-
-def flops_of(fn) -> int:
-    """Matrix-product FLOPs of ``fn()`` (a forward and backward), counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def lr_at(step: int, steps: int, warmup: float) -> float:
-    """Linear warmup, then cosine decay to 0: the factor applied to the peak learning rate."""
-    w = max(1, round(warmup * steps))
-    if step < w:
-        return (step + 1) / w
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, steps - w))))
-
-
-def train(spec, init: dict, batches: list, lr: float, val: list, s: Settings, steps: int, teacher=None,
-          distill_until: int = 0, frozen: set | None = None, frozen_until: int = 0, start_flops: int = 0,
-          start_wall: float = 0.0) -> dict:
-    """Train ``init`` for ``steps`` steps; returns the validation curve [(step, flops, wall, loss, acc)] and the
-    FLOPs per step of each phase."""
-    weights = {k: v.detach().clone().float().requires_grad_(True) for k, v in init.items()}
-    opt = torch.optim.AdamW(weights.values(), lr=lr, weight_decay=0.01)
-    frozen = frozen or set()
-
-    def phase(step: int) -> tuple[bool, float]:
-        alpha = KI_ALPHA * max(0.0, 1 - step / distill_until) if step < distill_until else 0.0
-        return step < frozen_until, alpha
-
-    def measure(freeze: bool, alpha: float) -> int:
-        probe = {k: v.detach().clone().requires_grad_(not (freeze and k in frozen)) for k, v in weights.items()}
-        return flops_of(lambda: _loss(spec, probe, batches[0], teacher, alpha).backward())
-
-    step_flops = {}
-    flops, wall = start_flops, start_wall
-    loss0, acc0 = evaluate(spec, weights, val)
-    curve = [(0, flops, wall, loss0, acc0)]
-    for step in range(steps):
-        freeze, alpha = phase(step)
-        key = (freeze, alpha > 0)
-        if key not in step_flops:
-            step_flops[key] = measure(freeze, alpha)
-        for k in frozen:
-            weights[k].requires_grad_(not freeze)
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, steps, s.warmup)
-        t0 = time.perf_counter()
-        loss = _loss(spec, weights, batches[step], teacher, alpha)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"training loss became {float(loss)} at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([w for w in weights.values() if w.grad is not None], 1.0)
-        opt.step()
-        wall += time.perf_counter() - t0
-        flops += step_flops[key]
-        if (step + 1) % s.eval_every == 0 or step + 1 == steps:
-            curve.append((step + 1, flops, wall, *evaluate(spec, weights, val)))
-    return {"curve": curve, "step_flops": {f"{'frozen' if a else 'full'}{'+teacher' if b else ''}": v
-                                           for (a, b), v in step_flops.items()},
-            "weights": {k: v.detach() for k, v in weights.items()}}
+def recipe(lr: float, s: Settings, steps: int) -> Recipe:
+    """The one training recipe of the benchmark: AdamW, warmup + cosine (ligo_convert.compare.train)."""
+    return Recipe(lr=lr, steps=steps, warmup=s.warmup, eval_every=s.eval_every)
 
 
 def pretrain_steps(p: Proxy, s: Settings) -> int:
@@ -291,184 +221,27 @@ def pretrain_job(job: dict) -> dict:
 
     torch.manual_seed(seed)
     steps = pretrain_steps(p, s)
-    batches = _data(p, small, seed, steps, stream=2)
-    result = train(small, init_weights(small, seed), batches, p.small_lr or p.lr, _val(p, small, s), s, steps)
-    last = result["curve"][-1]
-    return {"proxy": p.name, "seed": seed, "weights": result["weights"], "flops": last[1], "wall": last[2],
-            "val_loss": last[3], "val_acc": last[4], "step_flops": result["step_flops"]}
+    data = ProxyData(p, s)
+    result = train(small, init_weights(small, seed), data.train(small, seed, lib_methods.PRETRAIN),
+                   recipe(p.small_lr or p.lr, s, steps), data.val(small))
+    last = result.curve[-1]
+    return {"proxy": p.name, "seed": seed, "weights": result.weights, "flops": last[1], "wall": last[2],
+            "val_loss": last[3], "val_acc": last[4], "step_flops": result.step_flops}
 
 
 def method_job(job: dict) -> dict:
-    """Initialise the target with one method (and knob value), then train it; returns the curve."""
+    """Initialise the target with one method (and knob value), then train it; returns the run record with its
+    curve (ligo_convert.compare.methods.run_method)."""
     torch.set_num_threads(1)
-    from ligo_convert.errors import LigoError
-    from ligo_convert.growth import baselines
-    from ligo_convert.growth.fit import Teacher, fit
-    from ligo_convert.growth.operator import LigoOperator
-
-    p, s, seed, method, knob = job["proxy"], job["settings"], job["seed"], job["method"], job.get("knob")
-    steps = job["steps"]
+    p, s = job["proxy"], job["settings"]
     small, target = _specs(p)
-    small_w = job["small_weights"]
-    torch.manual_seed(seed)
-    batches = _data(p, target, seed, steps, stream=0)
-    val = _val(p, target, s)
-    out = {"proxy": p.name, "seed": seed, "method": method, "knob": knob, "steps": steps}
-    extra_flops, extra_wall, kwargs = 0, 0.0, {}
-    try:
-        if method == "ligo":
-            # the paper's recipe unless a variant (benchmarks/savings_ligo_variants.py) asks otherwise
-            recipe = {**LIGO_RECIPE, **job.get("ligo_variant", {})}
-            fit_steps = recipe["fit_steps"] or s.fit_steps
-            fit_batches = _data(p, target, seed, fit_steps, stream=1)
-            op = LigoOperator(small, target, small_w, shared_width=recipe["shared_width"])
-            op.initialize(recipe["depth_init"], recipe["width_init"], seed=seed)
-            with torch.no_grad():
-                out["loss_init"] = evaluate(target, op(), val)[0]
-
-            distill = recipe["objective"] == "distill"
-            teacher = Teacher(small, small_w, torch.device("cpu")) if distill else None
-
-            def fit_step():  # the FLOPs of one fitting step (with distillation: the teacher's forward too)
-                _loss(target, op(), fit_batches[0], (small, teacher.weights) if distill else None, 1.0).backward()
-
-            out["fit_step_flops"] = flops_of(fit_step)
-            op.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            fitted = fit(op, target, iter(fit_batches), recipe["objective"], steps=fit_steps, lr=knob, teacher=teacher)
-            with torch.no_grad():
-                init = {k: v.detach() for k, v in op().items()}
-            extra_wall = time.perf_counter() - t0
-            extra_flops = out["fit_step_flops"] * fit_steps
-            out["loss_fitted"] = evaluate(target, init, val)[0]
-            out["fit_train_loss"] = [fitted.losses[0], fitted.losses[-1]] if fitted.losses else []
-        elif method in ("mslt", "stack"):
-            init = baselines.expand("stack", small, small_w, target, seed)
-            if method == "mslt":  # MSLT: the small model's layers and embeddings wait while the new top layers learn
-                from ligo_convert.spec import pattern_of
-
-                frozen = {k for k in init if (pattern_of(k)[1] is not None and pattern_of(k)[1] < small.layers)
-                          or k.startswith("embed.")}
-                kwargs = dict(frozen=frozen, frozen_until=round(knob * steps))
-        elif method == "ki":
-            init = baselines.expand("scratch", small, small_w, target, seed)
-            kwargs = dict(teacher=(small, {k: v.float() for k, v in small_w.items()}),
-                          distill_until=round(knob * steps))
-        else:
-            init = baselines.expand(method, small, small_w, target, seed)
-    except LigoError as e:
-        out["refused"] = str(e)
-        return out
-    out["loss_at_init"] = evaluate(target, init, val)[0]
-    result = train(target, init, batches, p.lr, val, s, steps, start_flops=extra_flops, start_wall=extra_wall,
-                   **kwargs)
-    out.update(curve=result["curve"], step_flops=result["step_flops"], extra_flops=extra_flops,
-               extra_wall=extra_wall)
-    return out
+    run = lib_methods.run_method(job["method"], small, job["small_weights"], target, job["seed"],
+                                 data=ProxyData(p, s), recipe=recipe(p.lr, s, job["steps"]), knob=job.get("knob"),
+                                 fit_steps=s.fit_steps, ligo_recipe=job.get("ligo_variant"))
+    return {"proxy": p.name, **run}
 
 
 # --- savings -------------------------------------------------------------------------------------------------------------
-
-
-def reach(curve: list, target_loss: float) -> tuple[float, float, float] | None:
-    """(FLOPs, wall, steps) at which the validation loss first reaches ``target_loss``, interpolated linearly between
-    evaluations; None if it never does."""
-    prev = None
-    for point in curve:
-        loss = point[3]
-        if loss <= target_loss:
-            if prev is None or prev[3] == loss:
-                return float(point[1]), float(point[2]), float(point[0])
-            f = (prev[3] - target_loss) / (prev[3] - loss)
-            return tuple(prev[i] + f * (point[i] - prev[i]) for i in (1, 2, 0))
-        prev = point
-    return None
-
-
-def savings(run: dict, scratch: dict, pretrain: dict | None) -> dict:
-    """Per run: saved FLOPs/wall (%) against scratch, with and without the small model's pretraining, and the
-    training steps taken to reach scratch's final loss."""
-    if "refused" in run:
-        return {"refused": run["refused"]}
-    final_loss, final_acc = run["curve"][-1][3], run["curve"][-1][4]
-    goal = scratch["curve"][-1][3]
-    ref = reach(scratch["curve"], goal)
-    got = reach(run["curve"], goal)
-    # scratch reaching its own final loss at step 0 (no progress at all) leaves nothing to measure against
-    got = got if ref is not None and ref[0] > 0 else None
-    out = {"final_loss": final_loss, "final_acc": final_acc, "reached": got is not None}
-    uses_small = run["method"] != "scratch"
-    pre_f = pretrain["flops"] if (pretrain and uses_small) else 0.0
-    pre_w = pretrain["wall"] if (pretrain and uses_small) else 0.0
-    if got is not None:
-        out["steps_to_goal"] = got[2]
-        out["flops_saved"] = 100 * (1 - got[0] / ref[0])
-        out["wall_saved"] = 100 * (1 - got[1] / ref[1])
-        out["flops_saved_pre"] = 100 * (1 - (got[0] + pre_f) / ref[0])
-        out["wall_saved_pre"] = 100 * (1 - (got[1] + pre_w) / ref[1])
-    elif ref is not None and ref[0] > 0:
-        # Not reached within the run: it would have needed more than everything it spent, so its saving is below
-        # what spending all of it would give.  Aggregates use this bound (marked ≤) instead of dropping the seed,
-        # which would keep only a method's easy seeds.
-        last = run["curve"][-1]
-        out["steps_to_goal_min"] = float(last[0])
-        out["flops_saved_max"] = 100 * (1 - last[1] / ref[0])
-        out["wall_saved_max"] = 100 * (1 - last[2] / ref[1])
-        out["flops_saved_pre_max"] = 100 * (1 - (last[1] + pre_f) / ref[0])
-        out["wall_saved_pre_max"] = 100 * (1 - (last[2] + pre_w) / ref[1])
-    return out
-
-
-def saved(x: dict, key: str) -> tuple[float, bool] | None:
-    """A run's ``key`` saving (%) and whether it is only an upper bound (the goal was not reached); None when there
-    is nothing to measure."""
-    if x.get("reached"):
-        return x[key], False
-    return (x[key + "_max"], True) if key + "_max" in x else None
-
-
-def aggregate(sv: list[dict], key: str, digits: int = 1, sd: bool = True) -> str:
-    """Mean (± sd) of ``key`` over every seed, a seed that did not reach the goal counted at its bound; then the
-    whole mean is an upper bound and says so (≤)."""
-    got = [v for v in (saved(x, key) for x in sv) if v is not None]
-    if not got:
-        return "–"
-    values = [v for v, _ in got]
-    text = _mean_sd(values, digits) if sd else f"{statistics.mean(values):.{digits}f}"
-    return ("≤ " + text) if any(bound for _, bound in got) else text
-
-
-def steps_to_goal(sv: list[dict]) -> str:
-    got = [(x["steps_to_goal"], False) if x["reached"] else (x["steps_to_goal_min"], True)
-           for x in sv if x["reached"] or "steps_to_goal_min" in x]
-    if not got:
-        return "–"
-    text = _mean_sd([v for v, _ in got], 0)
-    return ("≥ " + text) if any(bound for _, bound in got) else text
-
-
-def paired(ours: list[dict], theirs: list[dict], key: str = "flops_saved") -> dict:
-    """LiGO against one method seed by seed (both lists in seed order): on how many seeds each saved more, with a
-    two-sided sign test over the decided seeds.  A seed where neither reached the goal is undecided; where one did
-    not, its bound decides only if the other's saving is above it."""
-    ahead = behind = undecided = 0
-    diffs = []
-    for a, b in zip(ours, theirs):
-        va, vb = saved(a, key), saved(b, key)
-        if va is None or vb is None or (va[1] and vb[1]):
-            undecided += 1
-            continue
-        diffs.append(va[0] - vb[0])
-        if va[0] > vb[0] and not va[1]:
-            ahead += 1
-        elif vb[0] > va[0] and not vb[1]:
-            behind += 1
-        else:
-            undecided += 1
-    n = ahead + behind
-    tail = sum(math.comb(n, k) for k in range(max(ahead, behind), n + 1)) / 2 ** n if n else 1.0
-    return {"ahead": ahead, "behind": behind, "undecided": undecided, "p": min(1.0, 2 * tail),
-            "mean_diff": statistics.mean(diffs) if diffs else None}
 
 
 def attach_savings(runs: list[dict], pretrained: dict) -> None:
@@ -478,14 +251,6 @@ def attach_savings(runs: list[dict], pretrained: dict) -> None:
         scratch = next(x for x in runs if x["proxy"] == r["proxy"] and x["seed"] == r["seed"]
                        and x["method"] == "scratch")
         r["savings"] = savings(r, scratch, pretrained[(r["proxy"], r["seed"])])
-
-
-def _mean_sd(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _pick_knobs(tuning: list[dict]) -> dict:
@@ -498,43 +263,23 @@ def _pick_knobs(tuning: list[dict]) -> dict:
     for proxy, runs in by_proxy.items():
         scratch = next(r for r in runs if r["method"] == "scratch")
         for method in KNOBS:
-            scores = []
-            for r in runs:
-                if r["method"] != method:
-                    continue
-                sv = savings(r, scratch, None)
-                scores.append({"value": r["knob"], "flops_saved": sv.get("flops_saved"),
-                               "final_loss": sv.get("final_loss"), "loss_fitted": r.get("loss_fitted"),
-                               "loss_init": r.get("loss_init"), "refused": sv.get("refused")})
-            ok = [c for c in scores if c["final_loss"] is not None]
-            best = max(ok, key=lambda c: (c["flops_saved"] if c["flops_saved"] is not None else -1e9,
-                                          -c["final_loss"])) if ok else scores[0]
-            chosen.setdefault(proxy, {})[method] = {"value": best["value"], "candidates": scores}
+            best, scores = best_candidate([r for r in runs if r["method"] == method], scratch)
+            chosen.setdefault(proxy, {})[method] = {"value": best["knob"], "candidates": scores}
     return chosen
 
 
 def _same_inits(jobs: list[dict]) -> dict[int, int]:
     """Index of each job whose method starts from tensors bit-identical to an earlier job's of the same proxy and
-    seed -> that job's index.  Training is deterministic, so such a run would repeat the earlier one step for step
-    (e.g. net2net and stack here: the depth baselines grow width as net2net does, and net2net grows depth by
-    stacking).  Only the pure initialisation methods qualify; ligo, mslt and ki differ by procedure."""
-    from ligo_convert.errors import LigoError
-    from ligo_convert.growth import baselines
-
+    seed -> that job's index (ligo_convert.compare.methods.init_digest): training is deterministic, so such a run
+    would repeat the earlier one step for step."""
     seen: dict[tuple, int] = {}
     twins = {}
     for i, job in enumerate(jobs):
-        if job["method"] not in baselines.METHODS or job["method"] == "scratch":
-            continue
         small, target = _specs(job["proxy"])
-        try:
-            init = baselines.expand(job["method"], small, job["small_weights"], target, job["seed"])
-        except LigoError:
+        digest = lib_methods.init_digest(job["method"], small, job["small_weights"], target, job["seed"])
+        if digest is None:
             continue
-        digest = hashlib.sha256()
-        for name in sorted(init):
-            digest.update(name.encode() + init[name].contiguous().numpy().tobytes())
-        key = (job["proxy"].name, job["seed"], digest.hexdigest())
+        key = (job["proxy"].name, job["seed"], digest)
         if key in seen:
             twins[i] = seen[key]
         else:
@@ -612,33 +357,24 @@ def versions() -> dict:
 
     import hashlib
 
-    growth = Path(ligo_convert.__file__).parent / "growth"
-    # the growth code is what the numbers depend on: fingerprint it, committed or not
-    code = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(growth.glob("*.py"))}
+    package = Path(ligo_convert.__file__).parent
+    # the growth code and the trainer are what the numbers depend on: fingerprint them, committed or not
+    code = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted((package / "growth").glob("*.py"))}
+    code.update({f"compare/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+                 for f in sorted((package / "compare").glob("*.py"))})
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "ligo_convert": ligo_convert.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "growth_code_sha256": code}
 
 
 def table(results: dict, proxy: str, pre: bool) -> list[str]:
-    suffix = "_pre" if pre else ""
     runs = [r for r in results["runs"] if r["proxy"] == proxy]
-    lines = ["| method | FLOPs saved % | wall saved % | train steps to goal | reached | final val loss | final val acc |",
-             "|---|---|---|---|---|---|---|"]
+    groups = []
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
-        refused = [r for r in mine if "refused" in r]
-        if refused:
-            lines.append(f"| {method} | refused | refused | – | – | – | – |")
-            continue
-        sv = [r["savings"] for r in mine]
-        reached = [x for x in sv if x["reached"]]
-        knob = f" ({KNOBS[method][0]} {mine[0]['knob']:g})" if method in KNOBS else ""
-        lines.append(f"| {method}{knob} | {aggregate(sv, 'flops_saved' + suffix)} | "
-                     f"{aggregate(sv, 'wall_saved' + suffix)} | "
-                     f"{steps_to_goal(sv)} | {len(reached)}/{len(sv)} | "
-                     f"{_mean_sd([x['final_loss'] for x in sv], 3)} | {_mean_sd([x['final_acc'] for x in sv], 3)} |")
-    return lines
+        knob = f" ({KNOBS[method][0]} {mine[0]['knob']:g})" if method in KNOBS and "refused" not in mine[0] else ""
+        groups.append((method, method + knob, mine))
+    return savings_rows(groups, pre)
 
 
 def _runs(results: dict, proxy: str, method: str) -> list[dict]:
@@ -646,35 +382,10 @@ def _runs(results: dict, proxy: str, method: str) -> list[dict]:
                   key=lambda r: r["seed"])
 
 
-def loss_at(curve: list, flops: float) -> float:
-    """Validation loss at ``flops`` spent, interpolated linearly between evaluations (the last one past the end)."""
-    prev = curve[0]
-    for point in curve:
-        if point[1] >= flops:
-            if point[1] == prev[1]:
-                return point[3]
-            f = (flops - prev[1]) / (point[1] - prev[1])
-            return prev[3] + f * (point[3] - prev[3])
-        prev = point
-    return curve[-1][3]
-
-
-MATCHED = (0.1, 0.25, 0.5, 0.75, 1.0)
-
-
 def matched_table(results: dict, proxy: str) -> list[str]:
-    """Mean validation loss of each method when it has spent a fraction of scratch's FLOPs (its own seed's): where
-    the head start goes, seen without the goal's per-seed noise."""
-    runs = [r for r in results["runs"] if r["proxy"] == proxy and "curve" in r]
-    budget = {r["seed"]: r["curve"][-1][1] for r in runs if r["method"] == "scratch"}
-    lines = ["| method | " + " | ".join(f"{f:.0%}" for f in MATCHED) + " |", "|---|" + "---|" * len(MATCHED)]
-    for method in METHODS:
-        mine = [r for r in runs if r["method"] == method]
-        if mine:
-            cells = [f"{statistics.mean(loss_at(r['curve'], f * budget[r['seed']]) for r in mine):.3f}"
-                     for f in MATCHED]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    """Mean validation loss of each method when it has spent a fraction of scratch's FLOPs (its own seed's)."""
+    runs = [r for r in results["runs"] if r["proxy"] == proxy]
+    return matched_rows([(m, [r for r in runs if r["method"] == m]) for m in METHODS])
 
 
 def summary(results: dict) -> list[str]:
@@ -684,39 +395,17 @@ def summary(results: dict) -> list[str]:
     lines = ["| method | " + " | ".join(f"{n} FLOPs / wall saved %" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for method in METHODS:
-        cells = []
-        for n in names:
-            runs = _runs(results, n, method)
-            if any("refused" in r for r in runs):
-                cells.append("refused")
-                continue
-            sv = [r["savings"] for r in runs]
-            ok = sum(x["reached"] for x in sv)
-            cells.append(f"{aggregate(sv, 'flops_saved', sd=False)} / {aggregate(sv, 'wall_saved', sd=False)}"
-                         + ("" if ok == len(sv) else f" ({ok}/{len(sv)} reached)"))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(summary_cell(_runs(results, n, method)) for n in names) + " |")
     lead = ["| LiGO against | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for method in METHODS:
         if method == "ligo":
             continue
-        cells = []
-        for n in names:
-            theirs = _runs(results, n, method)
-            ours = _runs(results, n, "ligo")
-            if any("refused" in r for r in theirs + ours):
-                cells.append("refused")
-                continue
-            c = paired([r["savings"] for r in ours], [r["savings"] for r in theirs])
-            cells.append(f"{c['ahead']}–{c['behind']}" + (f" ({c['undecided']} undecided)" if c["undecided"] else "")
-                         + f", p {c['p']:.2f}" + (f", {c['mean_diff']:+.1f} pts" if c["mean_diff"] is not None
-                                                  else ""))
+        cells = [paired_cell(_runs(results, n, "ligo"), _runs(results, n, method)) for n in names]
         lead.append(f"| {method} | " + " | ".join(cells) + " |")
     return (["Summary (mean over all seeds, pretraining not counted; ≤: some seed did not reach the goal and counts at "
              "its bound, so the mean is an upper bound; details, sd and the pretraining-counted figures below):", ""]
-            + lines + ["", "LiGO against each method, seed by seed (FLOPs saved, pretraining not counted): seeds where "
-                       "LiGO saved more – seeds where it saved less, the two-sided sign test's p over those, and the "
-                       "mean difference in points (a seed that did not reach the goal at its bound; a seed where "
-                       "neither reached it, or the bound does not decide, is undecided):", ""] + lead)
+            + lines + ["", "LiGO against each method, seed by seed (FLOPs saved, pretraining not counted): "
+                       + PAIRED_NOTE + ":", ""] + lead)
 
 
 def _scales(results: dict) -> str:
@@ -811,38 +500,20 @@ def plot(results: dict, path: Path) -> None:
     proxies = [p["name"] for p in results["proxies"]]
     pre = {(r["proxy"], r["seed"]): r["flops"] for r in results["pretrain"]}
     fig, axes = plt.subplots(2, len(proxies), figsize=(5 * len(proxies), 8), squeeze=False)
-    colors = plt.get_cmap("tab10")
     for col, name in enumerate(proxies):
         for row, counted in enumerate((False, True)):
-            ax = axes[row][col]
-            goal, tops, lows = [], [], []
-            for i, method in enumerate(METHODS):
-                runs = [r for r in results["runs"] if r["proxy"] == name and r["method"] == method
-                        and "curve" in r]
+            lines, goal = [], None
+            for method in METHODS:
+                runs = [r for r in results["runs"] if r["proxy"] == name and r["method"] == method and "curve" in r]
                 if not runs:
                     continue
-                n = min(len(r["curve"]) for r in runs)
                 shift = [pre[(name, r["seed"])] if (counted and method != "scratch") else 0.0 for r in runs]
-                x = [statistics.mean(r["curve"][k][1] + sh for r, sh in zip(runs, shift)) for k in range(n)]
-                y = [statistics.mean(r["curve"][k][3] for r in runs) for k in range(n)]
-                tops.append(y[min(1, n - 1)])
-                lows.append(min(y))
-                ax.plot(x, y, label=method, color=colors(i), lw=2.2 if method in (
-                    "ligo", "scratch") else 1.2)
+                lines.append((method, *mean_curve(runs, shift)))
                 if method == "scratch":
-                    goal = [r["curve"][-1][3] for r in runs]
-            if goal:
-                ax.axhline(statistics.mean(goal), color="grey", ls="--", lw=0.8)
-            if tops:  # from each curve's second evaluation down: the first steps of a random init dwarf the rest
-                ax.set_ylim(min(lows) - 0.05 * (max(tops) - min(lows)), max(tops))
-            ax.set_title(f"{name}: pretraining {'counted' if counted else 'not counted'}", fontsize=10)
-            ax.set_xlabel("training FLOPs")
-            ax.set_ylabel("validation loss")
-            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+                    goal = statistics.mean(r["curve"][-1][3] for r in runs)
+            plot_panel(axes[row][col], lines, METHODS, goal,
+                       f"{name}: pretraining {'counted' if counted else 'not counted'}", legend=row == col == 0)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

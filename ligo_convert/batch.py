@@ -45,6 +45,7 @@ from typing import Callable
 
 from . import __version__
 from .errors import LigoError
+from .files import check_output
 
 KINDS = ("grow", "pretrain")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -299,6 +300,7 @@ def load_manifest(manifest, root=None, overrides=None) -> Manifest:
         out_root = Path.cwd().resolve()
     if out_root.exists() and not out_root.is_dir():
         raise LigoError(f"{path}: the output root {out_root} is a file, not a folder")
+    check_output(out_root, overwrite=True, flag="--root (or the manifest's root)")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise LigoError(f"{path}: defaults must be a table ([defaults])")
@@ -428,6 +430,14 @@ def _check_outputs(path: Path, root: Path, jobs: dict[str, Job]) -> None:
             if what in ("source", "target") and (place == job.out or job.out in place.parents):
                 raise LigoError(f"{_where(path, job.index, job.name)}: out {job.out} would replace its own "
                                 f"{what}; choose another out")
+        # no job writes inside (or over) a folder any job reads: its staging folder would land in that source
+        for other in jobs.values():
+            for what, place in other.paths.items():
+                if what in ("source", "target") and place == job.out or place in job.out.parents or job.out in place.parents:
+                    mine = "its own" if other is job else f"job {other.name!r}'s"
+                    raise LigoError(f"{_where(path, job.index, job.name)}: out {job.out} is inside or over {mine} "
+                                    f"{what} {place}; choose an out outside every source")
+        check_output(job.out, overwrite=True, flag=f"out of job {job.name!r}")
 
 
 def _order(path: Path, jobs: dict[str, Job]) -> list[str]:
@@ -606,6 +616,18 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _checked_report(manifest: Manifest, report_path: Path) -> Path:
+    """The report is written after the first job: a path that cannot take it is refused before any job runs (in
+    a dry run too), as is one inside a job's output or a source."""
+    sources = [p for job in manifest.jobs.values() for what, p in job.paths.items() if what != "data"]
+    report_path = check_output(report_path, overwrite=True, kind="file", flag="--report", sources=sources)
+    for job in manifest.jobs.values():
+        if job.out == report_path.resolve() or job.out in report_path.resolve().parents:
+            raise LigoError(f"{report_path}: the report would go inside the output of job {job.name!r}; choose a "
+                            f"--report path outside it")
+    return report_path
+
+
 def _stale_partials(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.batch-*.partial")) if out.parent.is_dir() else []
 
@@ -625,6 +647,7 @@ def run_batch(manifest: Manifest, jobs: list[Job], *, dry_run: bool = False, rep
                          list(only) if only else None, dry_run,
                          started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
     report_path = Path(report_path) if report_path is not None else default_report_path(manifest, shard)
+    report_path = _checked_report(manifest, report_path)
     results: dict[str, JobResult] = {}
     hashes: dict = {}
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,6 +20,8 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import LigoError
+from .files import (check_config, check_output, check_safetensors_header, check_shard_index, read_json,
+                    readable, remove_leftovers)
 
 # Files carried from a source folder to every output: tokenizers, preprocessors, generation settings.
 CARRY_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -77,13 +80,10 @@ def download(repo_id: str) -> Path:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+    path = readable(folder / "config.json", "restore the file")
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LigoError(f"{path}: not valid JSON ({e}); restore the file") from None
+    return check_config(path, read_json(path))
 
 
 class TensorReader:
@@ -95,35 +95,42 @@ class TensorReader:
         self._file_of: dict[str, Path] = {}
         self._header: dict[str, dict] = {}
         self._bin: dict[str, torch.Tensor] | None = None
+        self._index: tuple[Path, dict[str, str]] | None = None
         files = self._weight_files(folder)
         for path in files:
             if path.suffix == ".safetensors":
                 for key, info in _read_header(path).items():
-                    self._file_of[key] = path
+                    self._claim(key, path)
                     self._header[key] = info
             else:
                 self._load_bin(path)
+        if self._index is not None:  # each tensor where the index says it is
+            index, weight_map = self._index
+            for key, name in weight_map.items():
+                if key in self._file_of and self._file_of[key].name != name:
+                    raise LigoError(f"{index} puts tensor {key} in {name}, but it is in {self._file_of[key].name}; "
+                                    f"restore the index or delete it")
 
-    @staticmethod
-    def _weight_files(folder: Path) -> list[Path]:
+    def _claim(self, key: str, path: Path) -> None:
+        """Record that ``key`` is in ``path``; the same name in two files is refused (which copy is meant?)."""
+        if key in self._file_of:
+            raise LigoError(f"{path}: tensor {key} is also in {self._file_of[key]}; remove one copy (or the extra "
+                            f"shard) so each tensor is stored once")
+        self._file_of[key] = path
+
+    def _weight_files(self, folder: Path) -> list[Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = folder / index_name
+            index = readable(folder / index_name, "restore it or delete it")
             if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                    raise LigoError(f"{index}: not a valid shard index (needs a 'weight_map'); restore it") from None
-                files = [folder / f for f in dict.fromkeys(weight_map.values())]
-                for f in files:
-                    if not f.exists():
-                        raise LigoError(f"{index} names shard {f.name}, which is missing; download it again")
-                return files
+                weight_map = check_shard_index(index, read_json(index, "restore it or delete it"), folder)
+                self._index = (index, weight_map)
+                return [folder / f for f in dict.fromkeys(weight_map.values())]
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             files = sorted(folder.glob("*.bin"))
         if not files:
             raise LigoError(f"{folder}: no *.safetensors (or *.bin) weights found")
-        return files
+        return [readable(f) for f in files]
 
     def _load_bin(self, path: Path) -> None:
         try:
@@ -135,8 +142,8 @@ class TensorReader:
             raise LigoError(f"{path}: does not hold a flat dict of tensors")
         self._bin = self._bin or {}
         for key, tensor in state.items():
+            self._claim(key, path)
             self._bin[key] = tensor
-            self._file_of[key] = path
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -190,26 +197,23 @@ class TensorReader:
 
 def _read_header(path: Path) -> dict[str, dict]:
     """Parse a safetensors header without reading the data; check it against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise LigoError(f"{path}: not a safetensors file (too short); download it again")
-        (length,) = struct.unpack("<Q", raw)
-        if length > size - 8 or length > 100_000_000:
-            raise LigoError(f"{path}: not a safetensors file (bad header length); download it again")
-        try:
+    try:
+        size = readable(path).stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise LigoError(f"{path}: not a safetensors file (too short); download it again")
+            (length,) = struct.unpack("<Q", raw)
+            if length > size - 8 or length > 100_000_000:
+                raise LigoError(f"{path}: not a safetensors file (bad header length); download it again")
             header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LigoError(f"{path}: not a safetensors file (unreadable header); download it again") from None
-    header.pop("__metadata__", None)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LigoError(f"{path}: not a safetensors file (unreadable header); download it again") from None
+    except OSError as e:  # a folder, a file without read permission...
+        raise LigoError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); download it again") from None
     base = 8 + length
-    for key, info in header.items():
-        if info.get("dtype") not in _DTYPES:
-            raise LigoError(f"{path}: tensor {key} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise LigoError(f"{path}: tensor {key} runs past the end of the file (truncated); download it again")
+    header = check_safetensors_header(path, header, size - base)
+    for info in header.values():
         info["_base"] = base
     return header
 
@@ -289,15 +293,10 @@ def write_sharded(folder: Path, tensors: list[PlannedTensor], max_shard_size: in
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool = False, protect: Iterable[Path] = ()):
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it vanishes."""
-    out = Path(out).absolute()
-    for p in protect:
-        p = Path(p).resolve()
-        if out.resolve() == p or p in out.resolve().parents:
-            raise LigoError(f"{out}: the output would overwrite the source {p}; choose another --out")
-    if out.exists() and not overwrite:
-        raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
+    out = check_output(out, overwrite=overwrite, sources=protect)
     created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out, log=lambda line: print(line, file=sys.stderr))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

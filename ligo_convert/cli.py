@@ -229,3 +229,7 @@ from .cli_grow import pretrain_command  # noqa: E402
 main.add_command(pretrain_command)
 from .cli_batch import batch_command  # noqa: E402
 main.add_command(batch_command)
+from .cli_generate import generate_command  # noqa: E402
+main.add_command(generate_command)
+from .cli_compare import compare_command  # noqa: E402
+main.add_command(compare_command)

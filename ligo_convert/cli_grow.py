@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from .errors import LigoError
 from .growth.fit import DEFAULT_LR, DEFAULT_STEPS, PARALLEL, STREAM_ABOVE_BYTES, STREAM_CHOICES
 from .growth.init import DEFAULT_NOISE, DEPTH_INITS, WIDTH_INITS
 from .growth.baselines import LIGO_INIT_NOTES, METHOD_NOTES, METHODS
@@ -162,13 +161,13 @@ def pretrain_command(out, family, layers, width, heads, mlp, data, steps, lr, ba
     from tqdm import tqdm
 
     from . import from_tensors, options, save
+    from .files import check_output
     from .growth.pretrain import micro_spec, pretrain
 
     options.check(layers=(layers, "size"), width=(width, "size"), heads=(heads, "size"), mlp=(mlp, "size"),
                   steps=(steps, "count"), lr=(lr, "positive"), batch_size=(batch_size, "size"),
                   seq_len=(seq_len, "size"), workers=(workers, "count"))
-    if Path(out).exists() and not overwrite:  # refuse before training, not after
-        raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another OUT")
+    check_output(out, overwrite=overwrite, flag="OUT")  # refuse before training, not after
     spec = micro_spec(family, layers=layers, width=width, heads=heads, mlp=mlp)
     with tqdm(total=steps, desc="pretraining", unit="step", file=sys.stderr, disable=None, leave=False) as bar:
         def on_step(step, loss):

@@ -556,6 +556,16 @@ class TextEncoder:
                 if text else torch.empty(0, dtype=torch.long)
         return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``: the tokenizer's decoding without special tokens, or the bytes back (an id several bytes
+        share reads as the first of them; ids no byte maps to are left out)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        first = {}
+        for byte, i in enumerate(self._byte_ids.tolist()):
+            first.setdefault(i, byte)
+        return bytes(first[i] for i in ids if i in first).decode("utf-8", errors="replace")
+
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         """``encode`` of each text (the same ids), as uint32 arrays; the tokenizer encodes them as one batch."""
         if self.tokenizer is None:

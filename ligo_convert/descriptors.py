@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import LigoError, UnknownFamily
+from .files import check_config_value, check_id2label
 from .exprs import Unresolved, evaluate
 from .spec import CANONICAL, Spec, pattern_of, spaces, space_kind
 
@@ -229,6 +230,7 @@ class ConfigField:
     # the spec value the config spells null (with or without ``when``): a key present as null reads as ``off``
     # (a missing key still takes the family's default) and writing ``off`` writes null (Gemma's softcaps: 0 <-> null)
     off: object = None
+    spec_field: str = ""  # the spec field it feeds: its declared type is what the config value must be
 
     @classmethod
     def parse(cls, raw) -> "ConfigField":
@@ -250,13 +252,15 @@ class ConfigField:
                 null = null or (self.off is not None and _is_null(config, key))
                 continue
             if self.format == "id2label":
-                return [value[k] for k in sorted(value, key=int)]
+                return check_id2label(key, value)
             if self.values is not None:
                 lookup = _toml_key(value)
-                if lookup not in self.values:
+                if not isinstance(lookup, (str, int, float)) or lookup not in self.values:
                     raise LigoError(f"config key {key}={value!r} is not supported "
                                     f"(supported: {', '.join(map(str, self.values))})")
                 return self.values[lookup]
+            if self.spec_field in _FIELD_TYPES and not self.format:
+                check_config_value(key, _FIELD_TYPES[self.spec_field], self.spec_field, value)
             return value
         return self.off if null else None
 
@@ -374,7 +378,7 @@ class Descriptor:
         # where the config names the model class: None -> the Hugging Face "architectures" list; else a single-name
         # key, written only where the config has no name yet, so a source's own (more specific) name survives
         self.class_key: str | None = config.pop("class_key", None)
-        self.config_fields = {k: ConfigField.parse(v) for k, v in config.items()}
+        self.config_fields = {k: dataclasses.replace(ConfigField.parse(v), spec_field=k) for k, v in config.items()}
         self.derive: dict[str, str] = data.get("derive", {})
         self.architectures = [Architecture(a["name"], a.get("prefix", ""), a.get("match", {}), a.get("config", {}),
                                            a.get("tensors", {}))
@@ -542,7 +546,9 @@ class Descriptor:
         values.update(self._structure_from_tensors(set(shapes), config))
         self._resolve_defaults(values)
         _windows_from_layer_types(values)
-        _resolve_heads(values, where_q=where.get("layers.0.q.weight", "the q weights"))
+        _resolve_heads(values, from_config, where_q=where.get("layers.0.q.weight", "the q weights"),
+                       where_k=where.get("layers.0.k.weight", "the k weights"),
+                       kv_key=self.config_fields["kv_heads"].keys[0] if "kv_heads" in self.config_fields else "")
         _positions_to_sizes(values, from_config, where)
         values.pop("q_width", None)  # measured only to check heads x head_dim
         values.pop("kv_width", None)
@@ -725,6 +731,7 @@ _UNTENSORED = ("norm_offset", "embed_scale", "parallel_residual", "positions_fro
                "rotary_fraction", "score_scale_dim", "attn_softcap", "final_softcap", "sliding_window",
                "window_start", "window_period", "mlm_activation")
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Spec)}
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Spec)}  # "int", "float", "int | None"...
 
 # Spec fields whose values are strings, never expressions.
 _STRING_FIELDS = {"activation", "norm", "norm_placement", "input", "positions", "head", "qk_norm", "pool",
@@ -813,6 +820,10 @@ def _positions_to_sizes(values: dict, from_config: dict, where: dict[str, str]) 
     if positions is None:
         return
     if values["input"] != "patches":
+        if from_config.get("max_positions") not in (None, positions):
+            raise LigoError(f"{where.get('embed.positions')} has {positions} positions, but the config says "
+                            f"max_positions={from_config['max_positions']}; the config does not describe these "
+                            f"weights")
         values["max_positions"] = positions
         return
     patches = positions - int(values["cls_token"]) - int(values["dist_token"])
@@ -828,8 +839,9 @@ def _positions_to_sizes(values: dict, from_config: dict, where: dict[str, str]) 
     values["image_size"] = image_size
 
 
-def _resolve_heads(values: dict, where_q: str) -> None:
-    """heads x head_dim must equal the q width; kv_heads x head_dim the k/v width."""
+def _resolve_heads(values: dict, from_config: dict, where_q: str, where_k: str, kv_key: str) -> None:
+    """heads x head_dim must equal the q width; kv_heads x head_dim the k/v width, and a kv_heads the config
+    states must be that number (refused, not rewritten to match the tensors)."""
     q_width = values.get("q_width")
     kv_width = values.get("kv_width")
     if q_width is None:
@@ -846,6 +858,10 @@ def _resolve_heads(values: dict, where_q: str) -> None:
     if kv_width is not None:
         if kv_width % head_dim:
             raise LigoError(f"k/v width {kv_width} is not a multiple of head_dim {head_dim}")
+        stated = from_config.get("kv_heads")
+        if stated and stated != kv_width // head_dim:
+            raise LigoError(f"tensor {where_k} holds {kv_width // head_dim} key/value heads of {head_dim}, but the "
+                            f"config says {kv_key}={stated}; the config does not describe these weights")
         values["kv_heads"] = kv_width // head_dim
 
 

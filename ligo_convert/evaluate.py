@@ -12,12 +12,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data as data_mod
 from .canonical import CanonicalModel, load
 from .errors import LigoError
-from .model import forward
+from .model import forward, positions_of
 from .objectives import evaluate_metrics
 from .spec import Spec
 
@@ -54,9 +55,16 @@ class _OnnxRunner:
     def __call__(self, batch: dict) -> dict:
         feed = {}
         for name in self.inputs:
-            if name not in batch:
+            if name.startswith("past_key_values."):  # a cache graph scores a whole batch as its prefill
+                past = next(i for i in self.session.get_inputs() if i.name == name)
+                dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+                feed[name] = np.zeros((batch["input_ids"].shape[0], past.shape[1], 0, past.shape[3]), dtype)
+            elif name == "position_ids" and "attention_mask" in batch:
+                feed[name] = positions_of(batch["attention_mask"]).numpy()
+            elif name not in batch:
                 raise LigoError(f"the ONNX model wants input {name!r}, which the data does not give")
-            feed[name] = batch[name].numpy()
+            else:
+                feed[name] = batch[name].numpy()
         logits = self.session.run(self.names[:1], feed)[0]
         return {"logits": torch.from_numpy(logits)}
 

@@ -10,10 +10,17 @@ spec alone:
   ``token_type_ids`` (int64, batch × sequence).
 * ``logits`` when the spec has a head; otherwise ``last_hidden_state``, with a pooler or a pooled token
   ``pooler_output``, and with a projection ``image_embeds`` / ``text_embeds``.
+* Causal LMs export with a key/value cache (``cache=False``: the plain graph above): inputs ``input_ids``,
+  ``attention_mask`` (past + new), ``position_ids`` and ``past_key_values.N.key`` / ``.value`` (batch × kv_heads ×
+  past × head_dim, past 0 for the prefill); outputs ``logits`` and ``present.N.key`` / ``.value`` — the names optimum
+  and transformers.js use, so one graph serves the prefill and every decoding step.
 
 Validation is always on: the written file is run with onnxruntime (CPU provider; also the CUDA provider when
 onnxruntime-gpu and a GPU are there) at several input shapes — batch 1, a batch and a sequence length not used at
-export — and compared with the fp32 PyTorch forward.  Past the tolerance the file is renamed ``*.invalid.onnx``.
+export — and compared with the fp32 PyTorch forward.  A cache graph is also run for a chunk of tokens after a past
+and greedily decodes ``GENERATION_TOKENS`` tokens for a left-padded batch, prefill then one token a step through its
+own cache, against PyTorch recomputing the whole sequence at every step: the same token at every step and logits
+within the tolerance.  Past the tolerance the file is renamed ``*.invalid.onnx``.
 
 Files: one ``.onnx`` file when the weights fit in protobuf's 2 GB limit; above it the weights go to ONE external data
 file named after the model file plus ``.data`` (``model.onnx`` -> ``model.onnx.data``), which must stay beside it.
@@ -40,7 +47,7 @@ from torch import nn
 from . import __version__, options
 from .canonical import CanonicalModel, load
 from .errors import LigoError
-from .model import forward
+from .model import empty_cache, forward, forward_cached, positions_of
 from .spec import Spec
 
 # 20, not the exporter's floor of 18: opset 20 has a Gelu op, so GELU is one node (which onnxruntime fuses with
@@ -56,6 +63,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 EXPORT_BATCH = 2  # example batch at export; dims of size 0 or 1 would be specialised by torch.export
 EXPORT_SEQ = 8  # example sequence length at export; validation uses others
+CACHE_EXAMPLE = (3, 5)  # (new tokens, past length) at export of a cache graph: neither 0 nor 1, unequal to the batch
+GENERATION_TOKENS = 16  # greedy steps the validation of a cache graph decodes
 METADATA_PREFIX = "ligo_convert."
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -68,9 +77,11 @@ class Check:
     shapes: dict[str, list[int]]
     diffs: dict[str, float]
     error: str | None = None  # onnxruntime could not load or run the file
+    mismatch: str | None = None  # generation: the first step where onnxruntime chose another token
+    note: str | None = None  # generation: steps whose best two logits tie within the tolerance (not compared)
 
     def passed(self, atol: float) -> bool:
-        return self.error is None and all(d <= atol for d in self.diffs.values())
+        return self.error is None and self.mismatch is None and all(d <= atol for d in self.diffs.values())
 
 
 @dataclass
@@ -86,6 +97,8 @@ class ExportReport:
     size_bytes: int = 0
     export_seconds: float = 0.0
     checks: list[Check] = field(default_factory=list)
+    kv_cache: bool = False  # a causal LM's graph with past_key_values inputs and present outputs
+    task: list[dict] | None = None  # int8: each scheme's task check, the last is the file's (quantize.TaskCheck)
 
     @property
     def max_diff(self) -> float:
@@ -98,6 +111,13 @@ class ExportReport:
         for c in self.checks:
             if c.error:
                 return f"onnxruntime ({c.provider}) failed: {c.error}"
+        for c in self.checks:
+            if c.mismatch:
+                return f"greedy decoding differs from PyTorch: {c.mismatch} ({c.provider})"
+        if self.task and not self.task[-1]["passed"]:
+            t = self.task[-1]
+            return (f"the int8 file's {t['metric']} is {t['quantized']:.4f} against {t['reference']:.4f} in float32 "
+                    f"({t['bound']} passes) on {t['data']}")
         bad = [(d, name, c) for c in self.checks for name, d in c.diffs.items() if d > self.atol]
         if not bad:
             return ""
@@ -112,9 +132,21 @@ class ExportReport:
 # --- what goes in and out, decided from the spec alone -------------------------------------------------------------
 
 
-def input_names(spec: Spec) -> list[str]:
+def has_cache(spec: Spec) -> bool:
+    """Whether the model can export with a key/value cache: a causal LM."""
+    return spec.causal and spec.head == "lm"
+
+
+def cache_names(spec: Spec, prefix: str) -> list[str]:
+    """``past_key_values.N.key`` / ``.value`` (prefix "past_key_values") or ``present.N.*``, layer by layer."""
+    return [f"{prefix}.{i}.{kv}" for i in range(spec.layers) for kv in ("key", "value")]
+
+
+def input_names(spec: Spec, cache: bool = False) -> list[str]:
     if spec.input == "patches":
         return ["pixel_values"]
+    if cache:
+        return ["input_ids", "attention_mask", "position_ids"] + cache_names(spec, "past_key_values")
     return ["input_ids", "attention_mask"] + (["token_type_ids"] if spec.type_vocab_size else [])
 
 
@@ -129,7 +161,9 @@ def output_keys(spec: Spec) -> list[str]:
     return ["hidden"] + (["pooled"] if pooled else []) + (["embeds"] if spec.projection else [])
 
 
-def output_names(spec: Spec) -> list[str]:
+def output_names(spec: Spec, cache: bool = False) -> list[str]:
+    if cache:
+        return ["logits"] + cache_names(spec, "present")
     # projected embeddings are named by modality, as transformers names them (image_embeds / text_embeds)
     embeds = "image_embeds" if spec.input == "patches" else "text_embeds"
     return [embeds if k == "embeds" else _OUTPUTS[k] for k in output_keys(spec)]
@@ -201,6 +235,32 @@ class CanonicalModule(nn.Module):
         return tuple(out[k] for k in self.keys)
 
 
+class CachedModule(CanonicalModule):
+    """A causal LM's step with a key/value cache (:func:`ligo_convert.model.forward_cached`): the past comes in as
+    one flat (key, value, key, value, ...) tuple, the presents go out the same way after the logits."""
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        w = {name: self.get_parameter(name) for name in self.names}
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.spec.layers)]
+        logits, presents = forward_cached(self.spec, w, input_ids, attention_mask, position_ids, pairs)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def cache_inputs(spec: Spec, batch: int, seq: int, past: int = 0, seed: int = 0, dtype=torch.float32,
+                 pad_left: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of a cache graph: ``seq`` new tokens after ``past`` cached ones (random keys and values), the
+    last row's first ``pad_left`` places padding; position ids counted over the attended tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    mask[-1, :pad_left] = 0
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask)[:, past:]}
+    shape = (batch, spec.kv_heads, past, spec.head_dim)
+    for name in cache_names(spec, "past_key_values"):
+        out[name] = torch.randn(shape, generator=g).to(dtype)
+    return out
+
+
 def _runtime():
     try:
         import onnxruntime
@@ -270,6 +330,8 @@ def read_metadata(path) -> dict[str, str]:
     """The ligo-convert metadata of an ONNX file (without loading its weights)."""
     import onnx
 
+    if not Path(path).is_file():
+        raise LigoError(f"{path}: no such ONNX file (or a link to a missing one); export it with `ligo-convert export`")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
@@ -279,10 +341,17 @@ def read_metadata(path) -> dict[str, str]:
 
 
 def spec_of_onnx(path) -> Spec:
+    from .files import spec_from_metadata
+
     meta = read_metadata(path)
+    fix = "export it again with `ligo-convert export`"
     if "spec" not in meta:
-        raise LigoError(f"{path}: has no ligo-convert spec in its metadata; export it with `ligo-convert export`")
-    return Spec.from_dict(json.loads(meta["spec"]))
+        raise LigoError(f"{path}: has no ligo-convert spec in its metadata; {fix}")
+    try:
+        data = json.loads(meta["spec"])
+    except json.JSONDecodeError as e:
+        raise LigoError(f"{path}: metadata field {METADATA_PREFIX}spec is not valid JSON ({e}); {fix}") from None
+    return spec_from_metadata(path, METADATA_PREFIX + "spec", data, fix)
 
 
 @contextlib.contextmanager
@@ -304,21 +373,36 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _trace(module: CanonicalModule, spec: Spec, opset: int):
-    """torch.export -> ONNX, dynamic batch and sequence; returns the ``ONNXProgram``."""
+def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False):
+    """torch.export -> ONNX, dynamic batch and sequence (and past length); returns the ``ONNXProgram``."""
     batch = torch.export.Dim("batch")
     seq_len = EXPORT_SEQ if max_sequence(spec) is None else min(EXPORT_SEQ, max_sequence(spec))
-    kwargs = example_inputs(spec, EXPORT_BATCH, seq_len)
-    if spec.input == "patches":
+    args, kwargs = (), example_inputs(spec, EXPORT_BATCH, seq_len)
+    if cache:
+        # the mask spans past + new: its length is left to torch.export (Dim.AUTO), which finds that relation
+        new, past = CACHE_EXAMPLE
+        x = cache_inputs(spec, EXPORT_BATCH, new, past, dtype=next(module.parameters()).dtype)
+        sequence, past_len = torch.export.Dim("sequence"), torch.export.Dim("past_sequence")
+        args, kwargs = (x["input_ids"], x["attention_mask"], x["position_ids"],
+                        *[x[n] for n in cache_names(spec, "past_key_values")]), {}
+        dynamic = ({0: batch, 1: sequence}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: sequence},
+                   tuple({0: batch, 2: past_len} for _ in range(2 * spec.layers)))
+    elif spec.input == "patches":
         dynamic = {"pixel_values": {0: batch}}
     else:
         sequence = torch.export.Dim("sequence", max=max_sequence(spec) or 2**20)
         dynamic = {name: {0: batch, 1: sequence} for name in kwargs}
     try:
         with _quiet():
-            return torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, opset_version=opset,
-                                     input_names=list(kwargs), output_names=output_names(spec),
-                                     dynamic_shapes=dynamic, verbose=False)
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                        input_names=input_names(spec, cache), output_names=output_names(spec, cache),
+                                        dynamic_shapes=dynamic, verbose=False)
+        if cache:  # name the mask's length for what it is
+            import onnx_ir as ir
+
+            mask = program.model.graph.inputs[1]
+            mask.shape = ir.Shape([mask.shape[0], "past_sequence + sequence"])
+        return program
     except Exception as e:  # the exporter's own errors run to pages: keep the line that names the cause
         lines = [_ANSI.sub("", ln).strip() for ln in str(e).splitlines()]
         cause = next((ln for ln in lines if ln.startswith("<class '")), None) or \
@@ -343,49 +427,166 @@ def _session(path: Path, provider: str):
 def validate(path, model: CanonicalModel, atol: float, reference: dict[str, torch.Tensor] | None = None,
              log: Callable[[str], None] | None = None) -> list[Check]:
     """Run the ONNX file at every validation shape with every provider and compare each output with the fp32
-    PyTorch forward; returns the checks (the caller compares them with ``atol``)."""
+    PyTorch forward (a cache graph also decodes greedily); returns the checks (the caller compares them with
+    ``atol``)."""
     spec = model.spec
     weights = reference if reference is not None else model.materialize(torch.float32)
-    names = output_names(spec)
     checks = []
     for provider in providers():
         try:
             session = _session(Path(path), provider)
         except Exception as e:  # a broken graph or a missing data file: the export is not valid
             checks.append(Check(provider, {}, {}, _first_line(e)))
-            if log:
-                log(f"  {provider.removesuffix('ExecutionProvider')}: onnxruntime cannot load it: {_first_line(e)}")
+            _say(log, provider, f"onnxruntime cannot load it: {_first_line(e)}")
             continue
         wanted = [i.name for i in session.get_inputs()]
-        for n, (batch, seq) in enumerate(validation_shapes(spec)):
-            inputs = example_inputs(spec, batch, seq, seed=100 + n)
-            if sorted(wanted) != sorted(inputs):
-                raise LigoError(f"{path}: inputs {wanted} do not match this model's {list(inputs)}; is it the "
-                                f"ONNX file of this model?")
-            with torch.no_grad():
-                ref = forward(spec, weights, **inputs)
-            try:
-                got = session.run(names, {k: v.numpy() for k, v in inputs.items()})
-            except Exception as e:  # e.g. a shape the graph wrongly fixed at export
-                checks.append(Check(provider, {k: list(v.shape) for k, v in inputs.items()}, {}, _first_line(e)))
-                if log:
-                    log(f"  {provider.removesuffix('ExecutionProvider')}: onnxruntime failed: {_first_line(e)}")
-                continue
-            diffs = {}
-            for key, name, value in zip(output_keys(spec), names, got):
-                expected = ref[key].float().numpy()
-                if value.shape != expected.shape:
-                    diffs[name] = float("inf")
-                else:
-                    diffs[name] = float(np.abs(value.astype(np.float32) - expected).max())
-            check = Check(provider, {k: list(v.shape) for k, v in inputs.items()}, diffs)
-            checks.append(check)
-            if log:
-                shape = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in check.shapes.items())
-                verdict = "ok" if check.passed(atol) else "FAIL"
-                log(f"  {provider.removesuffix('ExecutionProvider')} {shape}: " +
-                    ", ".join(f"{k} max abs diff {v:.2e}" for k, v in diffs.items()) + f"  {verdict}")
+        cache = any(n.startswith("past_key_values.") for n in wanted)
+        if sorted(wanted) != sorted(input_names(spec, cache)):
+            raise LigoError(f"{path}: inputs {wanted} do not match this model's {input_names(spec, cache)}; is it "
+                            f"the ONNX file of this model?")
+        runs = _cache_runs(spec, weights, session, atol) if cache else _plain_runs(spec, weights, session)
+        for check in runs:
+            checks.append(_logged(check, provider, atol, log))
     return checks
+
+
+def _say(log, provider: str, text: str) -> None:
+    if log:
+        log(f"  {provider.removesuffix('ExecutionProvider')}: {text}")
+
+
+def _logged(check: Check, provider: str, atol: float, log) -> Check:
+    check.provider = provider
+    if log:
+        shape = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in check.shapes.items())
+        if check.error:
+            text = f"onnxruntime failed: {check.error}"
+        else:
+            text = ", ".join(f"{k} max abs diff {v:.2e}" for k, v in check.diffs.items())
+            if check.mismatch:
+                text += f"; {check.mismatch}"
+            elif "new_tokens" in check.shapes:
+                text += "; the same greedy tokens" + (f" ({check.note})" if check.note else "")
+            text += "  " + ("ok" if check.passed(atol) else "FAIL")
+        log(f"  {provider.removesuffix('ExecutionProvider')} {shape}: {text}")
+    return check
+
+
+def _run(session, names: list[str], feed: dict[str, torch.Tensor], shapes: dict) -> tuple[list | None, Check | None]:
+    try:
+        return session.run(names, {k: v.numpy() for k, v in feed.items()}), None
+    except Exception as e:  # e.g. a shape the graph wrongly fixed at export
+        return None, Check("", shapes, {}, _first_line(e))
+
+
+def _diff(value: np.ndarray, expected: torch.Tensor, keep: torch.Tensor | None = None, axis: int = 1) -> float:
+    """Max abs difference; with ``keep`` (B, S) only at the places ``axis`` of which are attended: a padding place's
+    output is never read (where a row's keys are all padding, kernels differ in how they spread its attention)."""
+    expected = expected.float().numpy()
+    if value.shape != expected.shape:
+        return float("inf")
+    diff = np.abs(value.astype(np.float32) - expected)
+    if keep is not None:
+        diff = np.moveaxis(np.moveaxis(diff, axis, 1)[keep.numpy().astype(bool)], 0, 0)
+    return float(diff.max()) if diff.size else 0.0
+
+
+def _plain_runs(spec: Spec, weights, session):
+    names = output_names(spec)
+    for n, (batch, seq) in enumerate(validation_shapes(spec)):
+        inputs = example_inputs(spec, batch, seq, seed=100 + n)
+        shapes = {k: list(v.shape) for k, v in inputs.items()}
+        with torch.no_grad():
+            ref = forward(spec, weights, **inputs)
+        got, failed = _run(session, names, inputs, shapes)
+        if failed:
+            yield failed
+            continue
+        yield Check("", shapes, {name: _diff(value, ref[key])
+                                 for key, name, value in zip(output_keys(spec), names, got)})
+
+
+def _past_dtype(session) -> torch.dtype:
+    past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
+    return torch.float16 if past.type == "tensor(float16)" else torch.float32
+
+
+def _cache_runs(spec: Spec, weights, session, atol: float):
+    """A cache graph: the prefill (empty past) at the validation shapes, a chunk after a past, greedy decoding."""
+    names = output_names(spec, cache=True)
+    dtype = _past_dtype(session)
+    limit = max_sequence(spec) or 10**9
+    presents = None
+    for n, (batch, seq) in enumerate(validation_shapes(spec)):
+        inputs = cache_inputs(spec, batch, seq, 0, seed=100 + n, dtype=dtype, pad_left=seq // 3)
+        shapes = {"input_ids": [batch, seq], "past": [0]}
+        with torch.no_grad():
+            logits, ref = _reference(spec, weights, inputs)
+        got, failed = _run(session, names, inputs, shapes)
+        if failed:
+            yield failed
+            continue
+        keep = inputs["attention_mask"]
+        yield Check("", shapes, {"logits": _diff(got[0], logits, keep),
+                                 "present": max(_diff(g, r, keep, axis=2) for g, r in zip(got[1:], ref))})
+        presents = (inputs, got)
+    if presents is not None:  # the last prefill's cache, then 3 new tokens at once: against the whole recomputed
+        inputs, got = presents
+        batch, past = inputs["input_ids"].shape[0], inputs["attention_mask"].shape[1]
+        new = max(1, min(3, limit - past))
+        g = torch.Generator().manual_seed(7)
+        ids = torch.cat([inputs["input_ids"], torch.randint(0, spec.vocab_size, (batch, new), generator=g)], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, new, dtype=torch.int64)], 1)
+        step = {"input_ids": ids[:, past:], "attention_mask": mask, "position_ids": positions_of(mask)[:, past:]}
+        step.update({name: torch.from_numpy(v) for name, v in zip(cache_names(spec, "past_key_values"), got[1:])})
+        with torch.no_grad():
+            whole, _ = forward_cached(spec, weights, ids, mask, positions_of(mask), empty_cache(spec, batch))
+        shapes = {"input_ids": [batch, new], "past": [past]}
+        out, failed = _run(session, names[:1], step, shapes)
+        yield failed or Check("", shapes, {"logits": _diff(out[0], whole[:, past:], mask[:, past:])})
+    yield _generation_check(spec, weights, session, names, dtype, limit, atol)
+
+
+def _reference(spec: Spec, weights, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    past = [(inputs[f"past_key_values.{i}.key"].float(), inputs[f"past_key_values.{i}.value"].float())
+            for i in range(spec.layers)]
+    logits, presents = forward_cached(spec, weights, inputs["input_ids"], inputs["attention_mask"],
+                                      inputs["position_ids"], past)
+    return logits, [t for kv in presents for t in kv]
+
+
+def _generation_check(spec: Spec, weights, session, names: list[str], dtype, limit: int, atol: float,
+                      batch: int = 2, prompt: int = 7) -> Check:
+    """Greedy decoding of a left-padded batch: onnxruntime through its cache (prefill, then one token a step), each
+    step against PyTorch recomputing the whole sequence without a cache.  Onnxruntime is fed PyTorch's tokens, so a
+    tie between the two best logits within the tolerance cannot make the rest of the run incomparable; where the best
+    two differ by more than that, onnxruntime must choose the same token."""
+    new = max(1, min(GENERATION_TOKENS, limit - prompt))
+    inputs = cache_inputs(spec, batch, prompt, 0, seed=11, dtype=dtype, pad_left=2)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    shapes = {"prompt": [batch, prompt], "new_tokens": [new]}
+    diff, ties, feed = 0.0, 0, inputs
+    for step in range(new):
+        got, failed = _run(session, names, feed, shapes)
+        if failed:
+            return failed
+        with torch.no_grad():
+            whole, _ = forward_cached(spec, weights, ids, mask, positions_of(mask), empty_cache(spec, batch))
+        expected, ours = whole[:, -1], torch.from_numpy(got[0][:, -1].astype(np.float32))
+        diff = max(diff, _diff(got[0][:, -1], expected))
+        top2 = expected.topk(2, dim=-1).values
+        chosen, wanted = ours.argmax(-1), expected.argmax(-1)
+        for row in range(batch):
+            if chosen[row] != wanted[row]:
+                if top2[row, 0] - top2[row, 1] > 2 * atol:
+                    return Check("", shapes, {"logits": diff}, mismatch=(
+                        f"step {step + 1}, row {row}: token {int(chosen[row])} instead of {int(wanted[row])}"))
+                ties += 1
+        ids = torch.cat([ids, wanted[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], 1)
+        feed = {"input_ids": wanted[:, None], "attention_mask": mask, "position_ids": positions_of(mask)[:, -1:]}
+        feed.update({name: torch.from_numpy(v) for name, v in zip(cache_names(spec, "past_key_values"), got[1:])})
+    return Check("", shapes, {"logits": diff}, note=f"{ties} tie(s) within the tolerance" if ties else None)
 
 
 def _first_line(e: Exception) -> str:
@@ -399,26 +600,43 @@ def invalid_path(out: Path) -> Path:
 
 def export_onnx(model_or_folder, out, *, opset: int = DEFAULT_OPSET, dtype: str = "float32", atol: float | None = None,
                 overwrite: bool = False, source: str | None = None, extra_metadata: dict[str, str] | None = None,
+                cache: bool | None = None, quantize: str | None = None, data=None, text_column: str | None = None,
                 log: Callable[[str], None] | None = None) -> ExportReport:
     """Export a model (a :class:`CanonicalModel`, or anything :func:`ligo_convert.load` takes) to ``out`` (.onnx)
-    and validate it with onnxruntime against the fp32 PyTorch forward.
+    and validate it with onnxruntime against the fp32 PyTorch forward.  ``cache``: a causal LM's graph with a
+    key/value cache (default: for every causal LM; False: the plain graph without one).  ``quantize="int8"``: the
+    validated fp32 graph quantised (:mod:`ligo_convert.quantize`) and validated on the task, on ``data`` (default:
+    the embedded digits or text; ``text_column`` for tables) — ``report.task`` holds the figures.
 
     Returns the :class:`ExportReport`; when ``report.ok`` is False the file was renamed ``*.invalid.onnx``
     (``report.path``).  User errors (unknown dtype, unsupported model, missing onnxruntime, existing output)
     raise :class:`LigoError` before anything is written.
     """
+    from .files import check_output
+
     out = Path(out)
     options.check(atol=(atol, "positive"), opset=(opset, "size"))
     if out.suffix != ".onnx":
         raise LigoError(f"{out}: the output file must end in .onnx")
-    if out.exists() and not overwrite:
-        raise LigoError(f"{out} exists; pass --overwrite to replace it")
+    check_output(out, overwrite=overwrite, kind="file")
     if not out.parent.is_dir():
         raise LigoError(f"{out.parent}: no such folder for the output file")
+    if quantize not in (None, "int8"):
+        raise LigoError(f"cannot quantize to {quantize!r}: choose int8 (onnxruntime's dynamic quantisation)")
+    if quantize and dtype != "float32":
+        raise LigoError("--quantize int8 quantizes the float32 graph; leave --dtype at float32")
     model = _as_model(model_or_folder)
     spec = model.spec
     _check_exportable(spec, dtype, opset)
+    cache = has_cache(spec) if cache is None else bool(cache)
+    if cache and not has_cache(spec):
+        raise LigoError("only a causal LM exports with a key/value cache; export this model without --cache")
     _runtime()
+    tokenizer_dir = model.source if model.source is not None and Path(model.source).is_dir() else None
+    if quantize:
+        from .quantize import check_data
+
+        check_data(spec, data, tokenizer_dir, text_column)
     tol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
     torch_dtype = DTYPES[dtype]
 
@@ -426,7 +644,8 @@ def export_onnx(model_or_folder, out, *, opset: int = DEFAULT_OPSET, dtype: str 
     _check_shapes(spec, reference)
     weights = reference if torch_dtype == torch.float32 else {k: v.to(torch_dtype) for k, v in reference.items()}
     start = time.perf_counter()
-    program = _trace(CanonicalModule(spec, weights).eval(), spec, opset)
+    module = (CachedModule if cache else CanonicalModule)(spec, weights).eval()
+    program = _trace(module, spec, opset, cache)
     meta = metadata(model, dtype, source)
     meta.update({METADATA_PREFIX + k: v for k, v in (extra_metadata or {}).items()})
 
@@ -437,27 +656,44 @@ def export_onnx(model_or_folder, out, *, opset: int = DEFAULT_OPSET, dtype: str 
     nbytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                  if v.const_value is not None)
     data_name = out.name + ".data" if nbytes >= EXTERNAL_DATA_THRESHOLD else None
+    # an int8 file is made from a validated fp32 one, whose weights (large models) go to a temporary data file
+    fp32_data = f".{out.name}.{os.getpid()}.fp32.data" if quantize and data_name else data_name
+    temporary = [tmp] + ([out.parent / fp32_data] if fp32_data else []) + ([out.parent / data_name] if data_name else [])
+    task = None
     try:
-        _write(program, tmp, meta, data_name)
+        _write(program, tmp, meta, fp32_data)
         del program
         seconds = time.perf_counter() - start
         if log:
             log(f"exported {out.name} ({dtype}, opset {opset}) in {seconds:.1f} s; validating with onnxruntime "
                 f"(atol {tol:g})")
         checks = validate(tmp, model, tol, reference=reference, log=log)
+        ok = all(c.passed(tol) for c in checks)
+        if quantize and ok:
+            from .quantize import quantize_validated
+
+            quantized = out.with_name(f".{out.name}.{os.getpid()}.int8.tmp.onnx")
+            temporary.append(quantized)
+            if log:
+                log(f"quantizing to int8 and validating it on the task")
+            task = quantize_validated(tmp, quantized, model, data, tokenizer_dir, text_column, data_name, log)
+            ok = task[-1].passed
+            tmp.unlink()
+            if fp32_data != data_name:
+                (out.parent / fp32_data).unlink(missing_ok=True)
+            tmp = quantized
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        if data_name:
-            (out.parent / data_name).unlink(missing_ok=True)
+        for path in temporary:
+            path.unlink(missing_ok=True)
         raise
-    ok = all(c.passed(tol) for c in checks)
     final = out if ok else invalid_path(out)
     if not ok:
         out.unlink(missing_ok=True)  # an older export being replaced must not stay looking valid either
     os.replace(tmp, final)
     size = final.stat().st_size + ((out.parent / data_name).stat().st_size if data_name else 0)
-    return ExportReport(str(final), ok, dtype, opset, tol, input_names(spec), output_names(spec), data_name, size,
-                        seconds, checks)
+    return ExportReport(str(final), ok, quantize or dtype, opset, tol, input_names(spec, cache),
+                        output_names(spec, cache), data_name, size, seconds, checks, cache,
+                        [t.to_dict() for t in task] if task else None)
 
 
 def check_onnx(path, model_or_folder, atol: float | None = None, log: Callable[[str], None] | None = None
@@ -469,11 +705,23 @@ def check_onnx(path, model_or_folder, atol: float | None = None, log: Callable[[
     model = _as_model(model_or_folder)
     meta = read_metadata(path)
     dtype = meta.get("dtype", "float32")
+    if dtype == "int8":  # validated on the task, as at export
+        from .quantize import task_check
+
+        source = model.source if model.source is not None and Path(model.source).is_dir() else None
+        task = task_check(path, model, "as written", tokenizer_dir=source)
+        if log:
+            log(f"  {task.line()}")
+        cache = any(i.startswith("past_key_values.") for i in _input_names_of(path))
+        return ExportReport(str(path), task.passed, dtype, _opset_of(path), 0.0, input_names(model.spec, cache),
+                            output_names(model.spec, cache), None, path.stat().st_size, 0.0, [], cache,
+                            [task.to_dict()])
     tol = DEFAULT_ATOL.get(dtype, DEFAULT_ATOL["float32"]) if atol is None else float(atol)
     checks = validate(path, model, tol, log=log)
     ok = all(c.passed(tol) for c in checks)
-    return ExportReport(str(path), ok, dtype, _opset_of(path), tol,
-                        input_names(model.spec), output_names(model.spec), None, path.stat().st_size, 0.0, checks)
+    cache = any("new_tokens" in c.shapes for c in checks)
+    return ExportReport(str(path), ok, dtype, _opset_of(path), tol, input_names(model.spec, cache),
+                        output_names(model.spec, cache), None, path.stat().st_size, 0.0, checks, cache)
 
 
 def _opset_of(path: Path) -> int:
@@ -481,3 +729,9 @@ def _opset_of(path: Path) -> int:
 
     proto = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _input_names_of(path: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]

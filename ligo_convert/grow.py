@@ -32,6 +32,7 @@ from .canonical import CanonicalModel, from_tensors, load, save
 from .checkpoint import check_sentence_transformer_width, read_config, resolve_source
 from .descriptors import Descriptor, detect_family, get_descriptor
 from .errors import LigoError
+from .files import check_output
 from .exprs import Unresolved, evaluate
 from .growth import baselines
 from .growth import init as inits
@@ -297,11 +298,22 @@ def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
     out = o.out
     if out is None and o.write:
         out = Path(f"{target_name or f'L{spec_t.layers}-D{spec_t.width}'}-from-{_name_of(source)}-{o.method}")
-    if o.write and out is not None and Path(out).exists() and not o.overwrite:
-        raise LigoError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
+    _check_outputs(out if o.write else None, o, src.source)
     stream = choose_stream(spec_t, o.materialize)
     return GrowPlan(src, _name_of(source), target, spec_t, out_family, method_info,
                     Path(out) if out is not None else None, stream, o)
+
+
+def _check_outputs(out, o: GrowOptions, source: Path | None) -> None:
+    """Every path grow writes, checked before any work: the output folder and the operator file."""
+    if out is not None:
+        out = check_output(out, overwrite=o.overwrite, sources=[source])
+    if o.save_operator is not None:
+        op = check_output(o.save_operator, overwrite=o.overwrite, sources=[source], flag="--save-operator",
+                          kind="file")
+        if out is not None and (op.resolve() == out.resolve() or out.resolve() in op.resolve().parents):
+            raise LigoError(f"{op}: the operator file would go inside --out {out}, which is replaced as a whole; "
+                            f"choose a --save-operator path outside it")
 
 
 def _check_options(o: GrowOptions) -> None:

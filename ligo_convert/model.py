@@ -110,7 +110,7 @@ def rotary(spec: Spec, seq_len: int, device, dtype, theta: float | None = None) 
 
 
 def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None, token_type_ids=None,
-          attention_mask=None) -> Tensor:
+          attention_mask=None, position_ids=None) -> Tensor:
     if spec.input == "patches":
         patch = w["embed.patch.weight"]
         x = F.conv2d(pixel_values.to(patch.dtype), patch, w.get("embed.patch.bias"), stride=spec.patch_size)
@@ -131,7 +131,9 @@ def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None
             x = x * torch.tensor(spec.width ** 0.5, dtype=x.dtype)
         if spec.positions == "learned":
             seq = input_ids.shape[1]
-            if spec.positions_from_mask:
+            if position_ids is not None:  # given by the caller (a decoding step after a cache): counted from 0
+                position_ids = position_ids + spec.position_offset
+            elif spec.positions_from_mask:
                 # positions count the attended tokens before each one (padding gets -1) (OPT's scheme)
                 mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
                 position_ids = (torch.cumsum(mask, dim=1) * mask - 1).to(torch.int64) + spec.position_offset
@@ -231,13 +233,25 @@ def rotate(spec: Spec, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.cat((turned * cos + rotate_half(turned) * sin, rest), dim=-1)
 
 
-def attention(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor, bias, rope, impl: str = "sdpa") -> Tensor:
+class KV:
+    """One layer's key/value cache, (B, kv_heads, length, head_dim) each: the past going in; the attention replaces
+    them with past + this step's (the "present")."""
+
+    def __init__(self, key: Tensor, value: Tensor):
+        self.key, self.value = key, value
+
+
+def attention(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor, bias, rope, impl: str = "sdpa",
+              cache: KV | None = None) -> Tensor:
     batch, seq, _ = x.shape
     q = project_heads(spec, w, p, "q", x, spec.heads)
     k = project_heads(spec, w, p, "k", x, spec.kv_heads)
     v = project_heads(spec, w, p, "v", x, spec.kv_heads)
     if rope is not None:
         q, k = rotate(spec, q, rope), rotate(spec, k, rope)
+    if cache is not None:  # keys are cached after their norm and rotation, as transformers caches them
+        k = cache.key = torch.cat([cache.key.to(k.dtype), k], dim=2)
+        v = cache.value = torch.cat([cache.value.to(v.dtype), v], dim=2)
     if impl == "sdpa" and not spec.attn_softcap:  # soft-capped scores have no fused kernel
         out = sdpa(spec, q, k, v, bias)
     else:
@@ -292,12 +306,13 @@ def mlp(spec: Spec, w: Mapping[str, Tensor], p: str, x: Tensor) -> Tensor:
     return linear(w, p + "fc2", hidden)
 
 
-def block(spec: Spec, w: Mapping[str, Tensor], i: int, x: Tensor, ctx: Context, impl: str = "sdpa") -> Tensor:
+def block(spec: Spec, w: Mapping[str, Tensor], i: int, x: Tensor, ctx: Context, impl: str = "sdpa",
+          cache: KV | None = None) -> Tensor:
     p = f"layers.{i}."
     bias, rope = ctx.of(spec, i)
 
     def attn(h):
-        return attention(spec, w, p, h, bias, rope, impl)
+        return attention(spec, w, p, h, bias, rope, impl, cache)
 
     def ffn(h):
         return mlp(spec, w, p, h)
@@ -382,6 +397,66 @@ def start(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None
                                        spec.sliding_window),
             window_rope=rotary(spec, seq, x.device, x.dtype, spec.rope_local_theta) if rotary_positions else None)
     return x, ctx
+
+
+def forward_cached(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
+                   position_ids: Tensor, past: list[tuple[Tensor, Tensor]], attention: str = "explicit"
+                   ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """One step of a causal LM with a key/value cache: the ``T`` new tokens ``input_ids`` (B, T) at ``position_ids``
+    (B, T, counted from 0 over the attended tokens), ``attention_mask`` (B, past + T) over the cached and the new
+    tokens, and ``past``: per layer (key, value) of shape (B, kv_heads, past, head_dim), past may be 0 (the prefill).
+    Returns the logits (B, T, vocab) and per layer the present (past + new) keys and values.
+
+    The cache index is the key's place in time: causality and sliding windows count in it, as transformers' caches
+    do, while positions (rotary angles, learned rows) come from ``position_ids``, so left-padded rows stay exact."""
+    x = embed(spec, w, input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    seq, dtype = input_ids.shape[1], x.dtype
+    rotary_positions = spec.positions == "rotary"
+    ctx = Context(cached_bias(attention_mask, seq, dtype),
+                  rotary_at(spec, position_ids, dtype) if rotary_positions else None)
+    if any(spec.windowed(i) for i in range(spec.layers)):
+        ctx = ctx._replace(window_bias=cached_bias(attention_mask, seq, dtype, spec.sliding_window),
+                           window_rope=rotary_at(spec, position_ids, dtype, spec.rope_local_theta)
+                           if rotary_positions else None)
+    caches = [KV(k, v) for k, v in past]
+    for i in range(spec.layers):
+        x = block(spec, w, i, x, ctx, attention, caches[i])
+    return finish(spec, w, x)["logits"], [(c.key, c.value) for c in caches]
+
+
+def cached_bias(attention_mask: Tensor, seq: int, dtype, window: int = 0) -> Tensor:
+    """(B, 1, T, past + T) additive bias for the T newest tokens: padding keys, future keys and (with a window) keys
+    ``window`` or more places back get the dtype's minimum."""
+    total = attention_mask.shape[1]
+    keys = torch.arange(total, device=attention_mask.device)
+    queries = keys[total - seq:]
+    blocked = keys[None, :] > queries[:, None]
+    if window:
+        blocked = blocked | (queries[:, None] - keys[None, :] >= window)
+    blocked = blocked[None, None] | (attention_mask[:, None, None, :] == 0)
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
+def rotary_at(spec: Spec, position_ids: Tensor, dtype, theta: float | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, 1, T, rotary_dim) at given positions (the same angles as :func:`rotary` at 0..T-1)."""
+    dim, theta = spec.rotary_dim, theta or spec.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.int64).float() / dim))
+    freqs = position_ids[:, None, :, None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def empty_cache(spec: Spec, batch: int, dtype=torch.float32, device=None) -> list[tuple[Tensor, Tensor]]:
+    """The past of a prefill: every layer's keys and values of length 0."""
+    shape = (batch, spec.kv_heads, 0, spec.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.layers)]
+
+
+def positions_of(attention_mask: Tensor) -> Tensor:
+    """Position ids of every place from the attention mask (B, S): attended tokens count from 0, padding gets 1
+    (any valid row: its output is never read) — what transformers' ``generate`` feeds a decoder."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 def finish(spec: Spec, w: Mapping[str, Tensor], x: Tensor, lazy_logits: bool = False,

@@ -140,9 +140,10 @@ def test_export_matches_transformers_at_unseen_shapes(tmp_path, case):
     # validation ran at >= 3 shapes, batch 1 among them, and sequence lengths the export never saw
     assert len(report.checks) >= 3
     first = ex.input_names(spec)[0]
-    assert any(c.shapes[first][0] == 1 for c in report.checks)
+    shaped = [c for c in report.checks if first in c.shapes]  # (a cache graph's generation check has its own)
+    assert any(c.shapes[first][0] == 1 for c in shaped)
     if spec.input == "tokens":
-        assert {c.shapes[first][1] for c in report.checks} - {ex.EXPORT_SEQ}
+        assert {c.shapes[first][1] for c in shaped} - {ex.EXPORT_SEQ}
     assert report.max_diff <= 1e-4
 
     # inputs, outputs and dynamic axes follow from the spec
@@ -151,6 +152,12 @@ def test_export_matches_transformers_at_unseen_shapes(tmp_path, case):
     if spec.input == "patches":
         assert list(dims) == ["pixel_values"]
         assert isinstance(dims["pixel_values"][0], str) and dims["pixel_values"][1:] == [3, 16, 16]
+    elif ex.has_cache(spec):  # causal LMs: one graph with a key/value cache, in optimum's names and axes
+        want = ["input_ids", "attention_mask", "position_ids"] + [
+            f"past_key_values.{i}.{kv}" for i in range(spec.layers) for kv in ("key", "value")]
+        assert list(dims) == want and report.kv_cache
+        assert dims["attention_mask"] == ["batch", "past_sequence + sequence"]
+        assert dims["past_key_values.0.key"] == ["batch", spec.kv_heads, "past_sequence", spec.head_dim]
     else:
         want = ["input_ids", "attention_mask"] + (["token_type_ids"] if spec.type_vocab_size else [])
         assert list(dims) == want
@@ -164,7 +171,12 @@ def test_export_matches_transformers_at_unseen_shapes(tmp_path, case):
     # the file against transformers' own model, at a shape used neither at export nor in validation
     x = hf_inputs(spec, 4, 17)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    got = dict(zip(report.outputs, session.run(None, {k: v.numpy() for k, v in x.items()})))
+    feed = {k: v.numpy() for k, v in x.items()}
+    if report.kv_cache:  # the prefill: an empty past, positions counted from 0
+        feed["position_ids"] = np.broadcast_to(np.arange(17), (4, 17)).copy()
+        feed.update({f"past_key_values.{i}.{kv}": np.zeros((4, spec.kv_heads, 0, spec.head_dim), np.float32)
+                     for i in range(spec.layers) for kv in ("key", "value")})
+    got = dict(zip(report.outputs, session.run(None, feed)))
     for name, expected in hf_outputs(model, x).items():
         value = torch.from_numpy(got[name])
         if "attention_mask" in x and value.dim() == 3:  # padded places are not part of the answer
@@ -178,6 +190,39 @@ def test_export_matches_transformers_at_unseen_shapes(tmp_path, case):
         onnx_run = evaluate(tmp_path / "m.onnx", engine="onnx", max_batches=1, batch_size=4, seq_len=16)
         assert torch_run["count"] == onnx_run["count"] > 0
         assert abs(torch_run["loss"] - onnx_run["loss"]) <= 1e-4 * max(1.0, abs(torch_run["loss"]))
+
+
+    # a causal LM's cache graph decodes greedily what transformers' `generate` decodes, for a left-padded batch at a
+    # batch size and prompt length the export never saw
+    if report.kv_cache:
+        prompts = hf_inputs(spec, 3, 6)
+        prompts["attention_mask"] = prompts["attention_mask"].flip(-1)  # left padding, as generate pads
+        prompts["input_ids"] = prompts["input_ids"].flip(-1)
+        assert onnx_greedy(session, spec, prompts, 16) == hf_greedy(model, prompts, 16)
+
+
+def onnx_greedy(session, spec, prompts: dict, new: int) -> list[list[int]]:
+    """Greedy decoding through the graph's cache: the prompt once, then one token a step (written out here rather
+    than with the library's loop, so the test does not grade the code it tests)."""
+    ids, mask = prompts["input_ids"].numpy(), prompts["attention_mask"].numpy()
+    batch = ids.shape[0]
+    past = {f"past_key_values.{i}.{kv}": np.zeros((batch, spec.kv_heads, 0, spec.head_dim), np.float32)
+            for i in range(spec.layers) for kv in ("key", "value")}
+    out, feed_ids = [], ids
+    for _ in range(new):
+        positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)[:, -feed_ids.shape[1]:]
+        got = session.run(None, {"input_ids": feed_ids, "attention_mask": mask, "position_ids": positions, **past})
+        token = got[0][:, -1].argmax(-1)
+        out.append(token)
+        past = dict(zip(past, got[1:]))
+        feed_ids, mask = token[:, None], np.concatenate([mask, np.ones((batch, 1), mask.dtype)], 1)
+    return np.stack(out, 1).tolist()
+
+
+def hf_greedy(model, prompts: dict, new: int) -> list[list[int]]:
+    model.generation_config.eos_token_id = None  # exactly `new` tokens, no early stop
+    out = model.generate(**prompts, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, prompts["input_ids"].shape[1]:].tolist()
 
 
 # `eval` needs a task head the embedded data fits: an LM or MLM head on the text, a classifier with room for the

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LigoError
+from ..files import spec_from_metadata
 from ..model import Factored
 from ..spec import CANONICAL, PER_LAYER_SPACES, Spec, module_of, pattern_of, space_kind
 from . import init as inits
@@ -370,8 +371,11 @@ class LigoOperator(torch.nn.Module):
             raise LigoError(f"{path}: not an operator file written by ligo-convert ({e})") from None
         if not isinstance(meta, dict) or "source_spec" not in meta:
             raise LigoError(f"{path}: not an operator file written by ligo-convert (no ligo_convert metadata)")
+        fix = "fit a new one with --save-operator"
+        if not isinstance(meta.get("shared_width", False), bool):
+            raise LigoError(f"{path}: metadata field shared_width must be true or false; {fix}")
         for which, spec in (("source", self.source), ("target", self.target)):
-            saved = Spec.from_dict(meta[f"{which}_spec"])
+            saved = spec_from_metadata(path, f"{which}_spec", meta.get(f"{which}_spec"), fix)
             if saved != spec:
                 diff = [k for k, v in spec.to_dict().items() if saved.to_dict().get(k) != v and k != "labels"]
                 raise LigoError(f"{path}: the operator was made for another {which} model (differs in "
@@ -387,8 +391,9 @@ class LigoOperator(torch.nn.Module):
             if tuple(value.shape) != tuple(mine[name].shape):
                 raise LigoError(f"{path}: operator tensor {name} has shape {tuple(value.shape)}, expected "
                                 f"{tuple(mine[name].shape)}")
-            if not torch.isfinite(value).all():
-                raise LigoError(f"{path}: operator tensor {name} has NaN or infinite values")
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                raise LigoError(f"{path}: operator tensor {name} has NaN or infinite values (or is not floating "
+                                f"point); {fix}")
         for name, value in tensors.items():
             part, what = name.split(".", 1)
             (self.set_width if part == "width" else self.set_depth)(what, value)
