@@ -253,9 +253,10 @@ def memory_rows(size: dict, folder: Path, cases: list[str], threads: int) -> tup
     return rows, baseline
 
 
-def step_ratios(size: dict, threads: int, batch_size: int) -> dict:
+def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = False, cpu_clock: bool = False) -> dict:
     """One fitting step / one plain training step of the first target size at ``batch_size`` x seq tokens, streamed
-    and full (per-layer width)."""
+    and full (per-layer width); ``dense_too``: also the earlier path with dense layer weights; ``cpu_clock``: this
+    process's CPU time instead of wall time (robust on a loaded machine with 1 thread)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     source = source_spec(size)
@@ -269,14 +270,20 @@ def step_ratios(size: dict, threads: int, batch_size: int) -> dict:
     plain = {k: v.requires_grad_(True) for k, v in init_weights(target, seed=1).items()}
     plain_opt = torch.optim.AdamW(plain.values(), lr=1e-4, eps=1e-6)
     models = {"streamed": GrowingModel(op, stream=True), "full": GrowingModel(op, stream=False)}
+    if dense_too:  # the path before layer factors: every grown matrix formed densely (``layer_weights``)
+        for name, stream in (("streamed-dense", True), ("full-dense", False)):
+            models[name] = (lambda stream: lambda **x: forward(
+                target, op.global_weights(factored=True), **x, layer_weights=op.layer_weights, checkpoint=stream,
+                lazy_logits=True))(stream)
+    clock = time.process_time if cpu_clock else time.perf_counter
 
     def step(run, opt) -> float:
-        start = time.perf_counter()
+        start = clock()
         total, count = task_terms(target, run(), batch)
         opt.zero_grad(set_to_none=True)
         (total / count).backward()
         opt.step()
-        return time.perf_counter() - start
+        return clock() - start
 
     def plain_step():
         return step(lambda: forward(target, plain, **inputs), plain_opt)
@@ -284,10 +291,10 @@ def step_ratios(size: dict, threads: int, batch_size: int) -> dict:
     def ligo_step(name):
         return step(lambda: models[name](**inputs), op_opt)
 
-    times = {"plain": [], "streamed": [], "full": []}
-    ratios = {"streamed": [], "full": []}
+    times = {"plain": [], **{name: [] for name in models}}
+    ratios = {name: [] for name in models}
     for i in range(size["pairs"] + 1):  # round 0 warms up
-        order = ("streamed", "full") if i % 2 else ("full", "streamed")
+        order = tuple(models) if i % 2 else tuple(reversed(models))
         for name in order:
             p, t = plain_step(), ligo_step(name)  # each LiGO step right after a plain one
             if i:
@@ -302,7 +309,7 @@ def step_ratios(size: dict, threads: int, batch_size: int) -> dict:
             **{f"{k}_range": (min(v), max(v)) for k, v in ratios.items()},
             "pairs": size["pairs"], "target": f"{target.layers}x{target.width}",
             "target_params": target.parameter_count(), "operator": op.operator_parameter_count(),
-            "batch": batch_size, "seq": size["seq"]}
+            "batch": batch_size, "seq": size["seq"], "clock": "cpu" if cpu_clock else "wall", "threads": threads}
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -351,7 +358,9 @@ def step_line(s: dict) -> str:
             f"of {s['pairs']} pairs): streamed {s['streamed_ratio']:.2f} ({s['streamed_s']:.2f} s vs "
             f"{s['plain_s']:.2f} s; pairs {s['streamed_range'][0]:.2f}-{s['streamed_range'][1]:.2f}), full "
             f"{s['full_ratio']:.2f} ({s['full_s']:.2f} s; pairs {s['full_range'][0]:.2f}-{s['full_range'][1]:.2f}); "
-            f"target <= {TARGET_STEP} streamed: {'pass' if s['streamed_ratio'] <= TARGET_STEP else 'FAIL'}")
+            f"target <= {TARGET_STEP} streamed: {'pass' if s['streamed_ratio'] <= TARGET_STEP else 'FAIL'}"
+            + "".join(f"; {k} {s[k + '_ratio']:.2f} ({s[k + '_s']:.2f} s)" for k in ("streamed-dense", "full-dense")
+                      if k + "_ratio" in s) + f" [{s['threads']} thread(s), {s['clock']} time]")
 
 
 def markdown(size, rows, baseline, steps, lines, command, threads, wall) -> str:
@@ -408,6 +417,11 @@ def markdown(size, rows, baseline, steps, lines, command, threads, wall) -> str:
     return "\n".join(md)
 
 
+STEP_LABELS = (("streamed", "streamed (`stream=True`, checkpointed)"), ("full", "full (`stream=False`)"),
+               ("streamed-dense", "streamed, dense layer weights (before)"),
+               ("full-dense", "full, dense layer weights (before)"))
+
+
 def step_markdown(steps: list[dict], title: str = "## One fitting step / one plain training step") -> list[str]:
     if not steps:
         return []
@@ -417,11 +431,13 @@ def step_markdown(steps: list[dict], title: str = "## One fitting step / one pla
           f"`GrowingModel(op, stream)` with the per-layer operator ({s0['operator']:,} parameters), `task_terms`, "
           f"backward, AdamW on the operator; plain: `forward(target, weights)`, the same loss, backward, AdamW on the "
           f"weights. One process, each LiGO step right after a plain step, median of {s0['pairs']} pair ratios after "
-          f"a warm-up round.", "",
+          f"a warm-up round; {s0.get('threads', 2)} thread(s), {s0.get('clock', 'wall')} time.", "",
           "| batch (tokens) | LiGO step | LiGO s | plain s | ratio (median) | pairs min - max | target <= "
           f"{TARGET_STEP} |", "|---|---|---|---|---|---|---|"]
     for st in steps:
-        for k, label in (("streamed", "streamed (`stream=True`, checkpointed)"), ("full", "full (`stream=False`)")):
+        for k, label in STEP_LABELS:
+            if k + "_ratio" not in st:
+                continue
             verdict = ("pass" if st[k + "_ratio"] <= TARGET_STEP else "FAIL") if k == "streamed" else "–"
             md.append(f"| {st['batch']} x {st['seq']} ({st['batch'] * st['seq']}) | {label} | {st[k + '_s']:.2f} | "
                       f"{st['plain_s']:.2f} | **{st[k + '_ratio']:.2f}** | {st[k + '_range'][0]:.2f} - "
@@ -439,6 +455,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, help="step-ratio pairs to time after the warm-up [default: 5; 2 quick]")
     parser.add_argument("--step-batches", help="batch sizes (comma-separated) of the step-ratio case "
                         "[default: 4; 2 quick]; the sequence length stays 128 (32 quick)")
+    parser.add_argument("--dense-too", action="store_true", help="step-ratio: also time the path with dense layer "
+                        "weights (before layer factors), side by side")
+    parser.add_argument("--cpu-clock", action="store_true", help="step-ratio: time by this process's CPU time "
+                        "(use with --threads 1 on a loaded machine)")
     parser.add_argument("--markdown", type=Path, help="write the results (with this command at the top) here")
     parser.add_argument("--append", action="store_true", help="append to --markdown as a section of its own "
                         "(with this command) instead of replacing it")
@@ -468,7 +488,7 @@ def main() -> None:
         print("one fitting step vs one plain training step:", flush=True)
         batches = [int(b) for b in (args.step_batches or str(size["batch"])).split(",") if b]
         for b in batches:
-            steps.append(step_ratios(size, threads, b))
+            steps.append(step_ratios(size, threads, b, args.dense_too, args.cpu_clock))
             print(step_line(steps[-1]), flush=True)
     wall = time.perf_counter() - start
     print(f"total {wall:.0f} s")

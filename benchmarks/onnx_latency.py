@@ -29,11 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 
 from ligo_convert import Spec, __version__, from_tensors, init_weights
-from ligo_convert.export import DEFAULT_OPSET, export_onnx, output_names
+from ligo_convert.export import DEFAULT_OPSET, export_onnx, input_names, output_names
 from ligo_convert.model import forward
 
 TARGET = 0.8
@@ -150,8 +151,22 @@ def main() -> int:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset of the exports (default: export_onnx's, {DEFAULT_OPSET})")
     parser.add_argument("--markdown", type=Path, help="also write the results as markdown here")
+    parser.add_argument("--vs-optimum", action="store_true", help="BERT-base-, GPT-2-small- and ViT-B-sized models "
+                        "against optimum-onnx's exports (latency, int8, generation, export time)")
+    parser.add_argument("--optimum-python", type=Path, default=OPTIMUM_PYTHON,
+                        help="python of an environment with optimum-onnx (default: tox -e optimum's)")
+    parser.add_argument("--layers", type=int, help="--vs-optimum: layers of every model (default: 12)")
     args = parser.parse_args()
     args.threads = sorted(set(args.threads))
+    if args.vs_optimum:
+        if not args.optimum_python.exists():
+            print(f"{args.optimum_python}: no optimum environment; make it with `tox -e optimum`", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:
+            res = vs_optimum(args, Path(tmp))
+        if args.markdown:
+            write_vs_optimum(args, res)
+        return 0
     rows, exports = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for label, fields, family, cases in (
@@ -253,5 +268,211 @@ def write_markdown(args, rows, exports, worst, verdict) -> None:
     args.markdown.write_text("\n".join(lines))
 
 
+# --- side by side with optimum-onnx (its own environment: optimum-onnx pins transformers < 4.58) --------------------
+
+OPTIMUM_PYTHON = Path(__file__).resolve().parents[1] / ".tox" / "optimum" / "bin" / "python"
+BERT = dict(layers=12, width=768, heads=12, head_dim=64, mlp=3072, vocab_size=30522, max_positions=512,
+            type_vocab_size=2, head="none", pooler=True, activation="gelu", norm_eps=1e-12, pad_token_id=0,
+            final_norm=False, embed_norm=True, norm_placement="post")
+VIT_BASE = dict(VIT, width=768, heads=12, mlp=3072)
+# (label, fields, family, optimum's task, latency input (batch, seq))
+VS_OPTIMUM = (("BERT-base-sized", BERT, "hf-bert", "feature-extraction", (1, 128)),
+              ("GPT-2-small-sized", GPT2, "hf-gpt2", "text-generation-with-past", (1, 128)),
+              ("ViT-B-sized", VIT_BASE, "hf-vit", "image-classification", (1, None)))
+PROMPT, NEW_TOKENS = 32, 32  # generation: 32 new tokens after a 32-token prompt
+
+
+def optimum_worker(job: dict) -> dict:
+    """Runs under the optimum environment's python: ``optimum-cli export onnx`` (timed, its own validation
+    included), its dynamic int8 quantisation (``int8``) and its ORTModelForCausalLM's generation (``generate``)."""
+    import subprocess
+
+    out: dict = {}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", job["folder"],
+                    "--task", job["task"], job["out"]], check=True, capture_output=True)
+    out["export_s"] = time.perf_counter() - start
+    if job.get("int8"):
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+        quantizer = ORTQuantizer.from_pretrained(job["out"])
+        quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True),
+                           save_dir=job["out"] + "-int8")
+        out["int8"] = str(next(Path(job["out"] + "-int8").glob("*.onnx")))
+    if job.get("generate"):
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        times = []
+        for threads in job["threads"]:
+            torch.set_num_threads(threads)
+            model = ORTModelForCausalLM.from_pretrained(job["out"], use_cache=True,
+                                                        session_options=session_options(threads))
+            ids = torch.tensor([job["prompt"]])
+            per = []
+            for _ in range(job["repeats"] + 1):
+                t = time.perf_counter()
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+                per.append(time.perf_counter() - t)
+            times.append(NEW_TOKENS / statistics.median(per[1:]))
+        out["tok_s"] = dict(zip(map(str, job["threads"]), times))
+    return out
+
+
+def call_optimum(python: Path, job: dict) -> dict:
+    import subprocess
+
+    run = subprocess.run([str(python), __file__, "--optimum-worker", json.dumps(job)], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if run.returncode:
+        raise RuntimeError(f"optimum worker failed: {run.stderr.strip().splitlines()[-1:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn (order reversed every other round)."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    order = list(fns.items())
+    for r in range(repeats):
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ort_call(path, threads: int, feed: dict):
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in wanted}
+    for i in session.get_inputs():  # a cache graph (ours or optimum's) with an empty past: the prefill
+        if i.name not in feed:
+            feed[i.name] = np.zeros([d if isinstance(d, int) else 0 if "past" in str(d) or j == 2 else 1
+                                     for j, d in enumerate(i.shape)], np.float32)
+            if i.name == "position_ids":
+                feed[i.name] = np.arange(feed["input_ids"].shape[1])[None].astype(np.int64)
+    return lambda: session.run(None, feed)
+
+
+def vs_optimum(args, tmp: Path) -> dict:
+    """Every figure of the comparison with optimum-onnx, on folders built from configs (random weights)."""
+    from ligo_convert import save
+    from ligo_convert.generate import greedy, onnx_step
+    from ligo_convert.quantize import quantize_validated
+
+    res = {"latency": [], "int8": [], "generation": [], "export": []}
+    for label, fields, family, task, (batch, seq) in VS_OPTIMUM:
+        fields = dict(fields, layers=args.layers or fields["layers"])
+        m = model(fields, family)
+        folder = tmp / family
+        save(m, folder)
+        ours_path = tmp / f"{family}.onnx"
+        torch.set_num_threads(max(args.threads))
+        start = time.perf_counter()  # what `ligo-convert export` does: trace, write, validate
+        report = export_onnx(folder, ours_path)
+        ours_export = time.perf_counter() - start
+        assert report.ok, report.failure()
+        job = {"folder": str(folder), "task": task, "out": str(tmp / f"optimum-{family}"), "threads": args.threads,
+               "int8": family == "hf-bert", "generate": family == "hf-gpt2", "repeats": max(3, args.repeats // 2),
+               "prompt": list(range(100, 100 + PROMPT))}
+        theirs = call_optimum(args.optimum_python, job)
+        res["export"].append((label, ours_export, report.export_seconds, theirs["export_s"]))
+        print(f"{label} export: ours {ours_export:.1f} s (trace + write {report.export_seconds:.1f} s), "
+              f"optimum-cli {theirs['export_s']:.1f} s", flush=True)
+        x = {k: v.numpy() for k, v in inputs(m.spec, batch, seq).items()}
+        if "token_type_ids" in input_names(m.spec):
+            x["token_type_ids"] = np.zeros_like(x["input_ids"])
+        weights = m.materialize(torch.float32)
+        eager = lambda: forward(m.spec, weights, **{k: torch.from_numpy(v) for k, v in x.items()})
+        q_ours = tmp / f"{family}.int8.onnx"
+        if family == "hf-bert":
+            quantize_validated(ours_path, q_ours, m)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                t = interleaved({"torch": eager, "ours": ort_call(ours_path, threads, x),
+                                 "optimum": ort_call(Path(job["out"]) / "model.onnx", threads, x)}, args.repeats)
+                res["latency"].append((label, threads, t))
+                print(f"{label} {threads} thread(s): torch {t['torch'] * 1e3:.1f} ms, ours {t['ours'] * 1e3:.1f} ms,"
+                      f" optimum {t['optimum'] * 1e3:.1f} ms", flush=True)
+                if family == "hf-bert":
+                    q = interleaved({"torch": eager, "ours": ort_call(q_ours, threads, x),
+                                     "optimum": ort_call(theirs["int8"], threads, x)}, args.repeats)
+                    res["int8"].append((label, threads, q))
+                    print(f"{label} int8 {threads} thread(s): ours {q['ours'] * 1e3:.1f} ms, optimum "
+                          f"{q['optimum'] * 1e3:.1f} ms", flush=True)
+        if family == "hf-gpt2":
+            import transformers
+
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+            prompt = torch.tensor([job["prompt"]])
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                step = onnx_step(ort.InferenceSession(str(ours_path), session_options(threads),
+                                                      providers=["CPUExecutionProvider"]), m.spec)
+                with torch.no_grad():
+                    t = interleaved({"ours": lambda: greedy(step, job["prompt"], NEW_TOKENS, set()),
+                                     "transformers": lambda: hf.generate(
+                                         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                         min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                         eos_token_id=None)}, max(3, args.repeats // 2))
+                tok = {k: NEW_TOKENS / v for k, v in t.items()} | {"optimum": theirs["tok_s"][str(threads)]}
+                res["generation"].append((label, threads, tok))
+                print(f"{label} generation {threads} thread(s): ours {tok['ours']:.1f} tok/s, transformers "
+                      f"{tok['transformers']:.1f}, optimum {tok['optimum']:.1f}", flush=True)
+        del m, weights
+    return res
+
+
+def write_vs_optimum(args, res: dict) -> None:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    layers = f" --layers {args.layers}" if args.layers else ""
+    lines = ["# ONNX latency, generation and export time: ligo-convert against optimum-onnx and PyTorch eager", "",
+             "Command (from the repository root; optimum-onnx runs in `.tox/optimum`, made by `tox -e optimum`):", "",
+             "```", f"python benchmarks/onnx_latency.py --vs-optimum --repeats {args.repeats} --threads "
+             f"{' '.join(map(str, args.threads))}{layers} --markdown {args.markdown}", "```", "",
+             f"Machine: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (other jobs "
+             f"ran beside it); torch {torch.__version__}, onnxruntime {ort.__version__}, ligo-convert {__version__}. "
+             f"Folders built from configs with random weights (non-zero biases)"
+             + (f", {args.layers} layers instead of 12" if args.layers else "") + ". Every engine in one process with "
+             f"the same thread count, calls interleaved, {args.repeats} timed calls each after a warm-up; medians. "
+             "optimum's files come from `optimum-cli export onnx` of the same folder; its int8 file from its "
+             "ORTQuantizer (dynamic, per channel); its generation runs in its own environment (not interleaved).", "",
+             "| model | threads | torch eager (ms) | ours (ms) | optimum's (ms) | ours ÷ optimum's (≤ 1.0) | "
+             "ours ÷ torch (≤ 0.8) | optimum's ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, threads, t in res["latency"]:
+        lines.append(f"| {label} | {threads} | {t['torch'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
+                     f"{t['optimum'] * 1e3:.1f} | {t['ours'] / t['optimum']:.2f} | {t['ours'] / t['torch']:.2f} | "
+                     f"{t['optimum'] / t['torch']:.2f} |")
+    lines += ["", "int8 (onnxruntime dynamic quantisation), batch 1, seq 128:", "",
+              "| model | threads | ours int8 (ms) | optimum's int8 (ms) | ours ÷ optimum's (≤ 1.0) | "
+              "ours ÷ torch fp32 (≤ 0.35 at 1 thread) |", "|---|---:|---:|---:|---:|---:|"]
+    for label, threads, q in res["int8"]:
+        lines.append(f"| {label} | {threads} | {q['ours'] * 1e3:.1f} | {q['optimum'] * 1e3:.1f} | "
+                     f"{q['ours'] / q['optimum']:.2f} | {q['ours'] / q['torch']:.2f} |")
+    lines += ["", f"Generation, {NEW_TOKENS} new tokens after a {PROMPT}-token prompt, batch 1, greedy, with a "
+              "key/value cache (ours: the exported cache graph through `ligo_convert.generate`'s loop):", "",
+              "| model | threads | ours (tok/s) | transformers generate (tok/s) | optimum (tok/s) | "
+              "ours ÷ transformers (≥ 1.2) | ours ÷ optimum (≥ 1.0) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, threads, g in res["generation"]:
+        lines.append(f"| {label} | {threads} | {g['ours']:.1f} | {g['transformers']:.1f} | {g['optimum']:.1f} | "
+                     f"{g['ours'] / g['transformers']:.2f} | {g['ours'] / g['optimum']:.2f} |")
+    lines += ["", f"Export wall time ({max(args.threads)} threads; validation included on both sides):", "",
+              "| model | ours (s) | of which trace + write (s) | optimum-cli (s) | ours ÷ optimum's (≤ 1.0) |",
+              "|---|---:|---:|---:|---:|"]
+    for label, total, trace, theirs in res["export"]:
+        lines.append(f"| {label} | {total:.1f} | {trace:.1f} | {theirs:.1f} | {total / theirs:.2f} |")
+    lines.append("")
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text("\n".join(lines))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--optimum-worker":
+        print(json.dumps(optimum_worker(json.loads(sys.argv[2]))))
+        sys.exit(0)
     sys.exit(main())

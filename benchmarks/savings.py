@@ -62,7 +62,9 @@ from ligo_convert.compare.accounting import (aggregate, best_candidate, loss_at,
                                              reach, saved, savings, steps_to_goal)
 from ligo_convert.compare.report import (PAIRED_NOTE, matched_rows, mean_curve, paired_cell, plot_panel,  # noqa: E402
                                          save_figure, savings_rows, summary_cell)
+from ligo_convert.compare.run import tuning_table  # noqa: E402
 from ligo_convert.compare.train import KI_ALPHA, Recipe, train  # noqa: E402,F401
+from ligo_convert.compare.tuning import LR_FACTORS, choose_schedules, parse_lr_factors, schedule_grid  # noqa: E402
 
 _mean_sd = mean_sd
 
@@ -104,6 +106,9 @@ class Settings:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     tune_seed: int = 100
     jobs: int = 2
+    methods: tuple = METHODS  # --methods: scratch and a subset
+    tune_schedule: bool = False  # --tune-schedule: each method's post-growth warmup x peak lr tuned (compare's grid)
+    tune_lr_factors: tuple = LR_FACTORS
 
 
 PROXIES = {
@@ -235,8 +240,11 @@ def method_job(job: dict) -> dict:
     torch.set_num_threads(1)
     p, s = job["proxy"], job["settings"]
     small, target = _specs(p)
+    rec = recipe(p.lr, s, job["steps"])
+    if job.get("schedule"):  # --tune-schedule: (peak lr, warmup) of a grid point
+        rec = replace(rec, lr=job["schedule"][0], warmup=job["schedule"][1])
     run = lib_methods.run_method(job["method"], small, job["small_weights"], target, job["seed"],
-                                 data=ProxyData(p, s), recipe=recipe(p.lr, s, job["steps"]), knob=job.get("knob"),
+                                 data=ProxyData(p, s), recipe=rec, knob=job.get("knob"),
                                  fit_steps=s.fit_steps, ligo_recipe=job.get("ligo_variant"))
     return {"proxy": p.name, **run}
 
@@ -262,7 +270,7 @@ def _pick_knobs(tuning: list[dict]) -> dict:
         by_proxy.setdefault(run["proxy"], []).append(run)
     for proxy, runs in by_proxy.items():
         scratch = next(r for r in runs if r["method"] == "scratch")
-        for method in KNOBS:
+        for method in (m for m in KNOBS if any(r["method"] == m for r in runs)):
             best, scores = best_candidate([r for r in runs if r["method"] == method], scratch)
             chosen.setdefault(proxy, {})[method] = {"value": best["knob"], "candidates": scores}
     return chosen
@@ -279,7 +287,7 @@ def _same_inits(jobs: list[dict]) -> dict[int, int]:
         digest = lib_methods.init_digest(job["method"], small, job["small_weights"], target, job["seed"])
         if digest is None:
             continue
-        key = (job["proxy"].name, job["seed"], digest)
+        key = (job["proxy"].name, job["seed"], job.get("schedule"), digest)
         if key in seen:
             twins[i] = seen[key]
         else:
@@ -312,7 +320,7 @@ def run_benchmark(proxies: list[Proxy], s: Settings, log=print) -> dict:
         sp = proxy_settings(p, s)
         base = dict(proxy=p, settings=sp, seed=s.tune_seed, small_weights=w, steps=sp.steps)
         tuning_jobs.append({**base, "method": "scratch"})
-        for method, (_, values) in KNOBS.items():
+        for method, (_, values) in ((m, k) for m, k in KNOBS.items() if m in s.methods):
             tuning_jobs += [{**base, "method": method, "knob": v} for v in values]
     log(f"tuning: {len(tuning_jobs)} runs (seed {s.tune_seed})")
     tuning = _run_all(method_job, tuning_jobs, s.jobs)
@@ -324,27 +332,100 @@ def run_benchmark(proxies: list[Proxy], s: Settings, log=print) -> dict:
     for p in proxies:
         for seed in s.seeds:
             w = pretrained[(p.name, seed)]["weights"]
-            for method in METHODS:
+            for method in s.methods:
                 knob = knobs[p.name][method]["value"] if method in KNOBS else None
                 jobs.append(dict(proxy=p, settings=proxy_settings(p, s), seed=seed, method=method, knob=knob,
                                  small_weights=w, steps=proxy_settings(p, s).steps))
+    runs = _measure(jobs, s, "measuring", log)
+    attach_savings(runs, pretrained)
+    out = {"settings": asdict(s), "proxies": [{**asdict(p), "settings": asdict(proxy_settings(p, s))}
+                                              for p in proxies], "knobs": knobs,
+           "pretrain": [{k: v for k, v in r.items() if k != "weights"} for r in pre],
+           "runs": runs, "tuning": [{k: v for k, v in r.items() if k not in ("small_weights",)} for r in tuning]}
+    if s.tune_schedule:
+        out["schedules"], out["tuned_runs"] = tune_schedules(proxies, s, pretrained, knobs, tuning + runs, log)
+    return {**out, "wall_s": time.perf_counter() - start}
+
+
+def _measure(jobs: list[dict], s: Settings, what: str, log, done: list[dict] = ()) -> list[dict]:
+    """Every job's run record: a run in ``done`` with the same proxy, seed, method, knob and schedule, a
+    bit-identical twin's run, or trained now."""
+    def key(proxy, seed, method, knob, lr, warmup):
+        return proxy, seed, method, knob, lr, warmup
+
+    have = {key(r["proxy"], r["seed"], r["method"], r.get("knob"), r.get("lr"), r.get("warmup")): r for r in done
+            if "same_init_as" not in r}
+    found = {}
+    for i, j in enumerate(jobs):
+        lr, warmup = j.get("schedule") or (j["proxy"].lr, j["settings"].warmup)
+        k = key(j["proxy"].name, j["seed"], j["method"], j.get("knob"), lr, warmup)
+        if k in have:
+            found[i] = have[k]
     twins = _same_inits(jobs)
-    log(f"measuring: {len(jobs) - len(twins)} runs ({len(twins)} more start from a bit-identical initialisation "
-        "already in the list and reuse its run)")
-    unique = _run_all(method_job, [j for i, j in enumerate(jobs) if i not in twins], s.jobs)
-    done = iter(unique)
+    todo = [j for i, j in enumerate(jobs) if i not in twins and i not in found]
+    log(f"{what}: {len(todo)} runs ({len(twins)} more start from a bit-identical initialisation already in the list "
+        f"and reuse its run; {len(found)} were already run)")
+    fresh = iter(_run_all(method_job, todo, s.jobs))
     runs = []
     for i, job in enumerate(jobs):
-        if i in twins:
+        if i in found:
+            runs.append(dict(found[i]))
+        elif i in twins:
             runs.append({**runs[twins[i]], "method": job["method"], "same_init_as": jobs[twins[i]]["method"]})
         else:
-            runs.append(next(done))
-    attach_savings(runs, pretrained)
-    return {"settings": asdict(s), "proxies": [{**asdict(p), "settings": asdict(proxy_settings(p, s))}
-                                               for p in proxies], "knobs": knobs,
-            "pretrain": [{k: v for k, v in r.items() if k != "weights"} for r in pre],
-            "runs": runs, "tuning": [{k: v for k, v in r.items() if k not in ("small_weights",)} for r in tuning],
-            "wall_s": time.perf_counter() - start}
+            runs.append(next(fresh))
+    return runs
+
+
+def tune_schedules(proxies: list[Proxy], s: Settings, pretrained: dict, knobs: dict, done: list[dict],
+                   log) -> tuple[dict, list[dict]]:
+    """--tune-schedule (ligo_convert.compare.tuning): every method, its knob at the value it chose, trains on the
+    tuning seed once per grid point (warmup x peak lr); each keeps its best (scratch: the lowest final loss); then
+    every seed trains with the chosen schedule.  Returns (per proxy: the grid, the choice, every candidate's score;
+    the tuned runs, with savings against tuned scratch)."""
+    jobs, grids = [], {}
+    for p in proxies:
+        sp = proxy_settings(p, s)
+        grids[p.name] = schedule_grid(recipe(p.lr, sp, sp.steps), s.tune_lr_factors)
+        w = pretrained[(p.name, s.tune_seed)]["weights"]
+        for method in s.methods:
+            knob = knobs[p.name][method]["value"] if method in KNOBS else None
+            jobs += [dict(proxy=p, settings=sp, seed=s.tune_seed, method=method, knob=knob, small_weights=w,
+                          steps=sp.steps, schedule=(pt.lr, pt.warmup)) for pt in grids[p.name]]
+    tuning = _measure(jobs, s, "schedule tuning", log, done)
+    info = {}
+    for p in proxies:
+        mine = [r for r in tuning if r["proxy"] == p.name]
+        chosen = choose_schedules({m: [r for r in mine if r["method"] == m] for m in s.methods})
+        for c in chosen.values():
+            if "refused" not in c:
+                c["name"] = next(pt.name for pt in grids[p.name] if (pt.lr, pt.warmup) == (c["lr"], c["warmup"]))
+        log(f"  {p.name}: " + ", ".join(f"{m} {c.get('name', 'refused')}" for m, c in chosen.items()))
+        info[p.name] = {"seed": s.tune_seed, "grid": [pt.to_dict() for pt in grids[p.name]], "chosen": chosen,
+                        "knobs": {m: _schedule_knobs(m, knobs[p.name], proxy_settings(p, s)) for m in s.methods},
+                        "runs": [{k: v for k, v in r.items() if k != "small_weights"} for r in mine]}
+    tuned_jobs = []
+    for p in proxies:
+        for seed in s.seeds:
+            for method in s.methods:
+                c = info[p.name]["chosen"][method]
+                knob = knobs[p.name][method]["value"] if method in KNOBS else None
+                tuned_jobs.append(dict(proxy=p, settings=proxy_settings(p, s), seed=seed, method=method, knob=knob,
+                                       small_weights=pretrained[(p.name, seed)]["weights"],
+                                       steps=proxy_settings(p, s).steps,
+                                       schedule=None if "refused" in c else (c["lr"], c["warmup"])))
+    tuned = _measure(tuned_jobs, s, "measuring with the tuned schedules", log, done + tuning)
+    attach_savings(tuned, pretrained)
+    return info, tuned
+
+
+def _schedule_knobs(method: str, knobs: dict, sp: Settings) -> dict:
+    """What --tune-schedule varied for ``method`` and what it kept at the value tuned before (3 runs, scratch's
+    schedule)."""
+    fixed = {"fit_steps": sp.fit_steps} if method == "ligo" else {}
+    if method in KNOBS:
+        fixed = {KNOBS[method][0]: f"{knobs[method]['value']:g} (tuned first)", **fixed}
+    return {"tuned": ["warmup", "lr"], "fixed": fixed}
 
 
 # --- report --------------------------------------------------------------------------------------------------------------
@@ -367,40 +448,48 @@ def versions() -> dict:
             "growth_code_sha256": code}
 
 
-def table(results: dict, proxy: str, pre: bool) -> list[str]:
-    runs = [r for r in results["runs"] if r["proxy"] == proxy]
+def _methods(results: dict) -> tuple:
+    return tuple(results["settings"].get("methods", METHODS))
+
+
+def table(results: dict, proxy: str, pre: bool, key: str = "runs") -> list[str]:
+    """The savings table of ``proxy`` over ``results[key]`` ("tuned_runs": each method's tuned schedule)."""
+    runs = [r for r in results[key] if r["proxy"] == proxy]
+    chosen = results["schedules"][proxy]["chosen"] if key == "tuned_runs" else {}
     groups = []
-    for method in METHODS:
+    for method in _methods(results):
         mine = [r for r in runs if r["method"] == method]
-        knob = f" ({KNOBS[method][0]} {mine[0]['knob']:g})" if method in KNOBS and "refused" not in mine[0] else ""
-        groups.append((method, method + knob, mine))
+        knobs = [f"{KNOBS[method][0]} {mine[0]['knob']:g}"] if method in KNOBS and "refused" not in mine[0] else []
+        knobs += [chosen[method]["name"]] if "name" in chosen.get(method, {}) else []
+        groups.append((method, method + (f" ({', '.join(knobs)})" if knobs else ""), mine))
     return savings_rows(groups, pre)
 
 
-def _runs(results: dict, proxy: str, method: str) -> list[dict]:
-    return sorted((r for r in results["runs"] if r["proxy"] == proxy and r["method"] == method),
+def _runs(results: dict, proxy: str, method: str, key: str = "runs") -> list[dict]:
+    return sorted((r for r in results[key] if r["proxy"] == proxy and r["method"] == method),
                   key=lambda r: r["seed"])
 
 
-def matched_table(results: dict, proxy: str) -> list[str]:
+def matched_table(results: dict, proxy: str, key: str = "runs") -> list[str]:
     """Mean validation loss of each method when it has spent a fraction of scratch's FLOPs (its own seed's)."""
-    runs = [r for r in results["runs"] if r["proxy"] == proxy]
-    return matched_rows([(m, [r for r in runs if r["method"] == m]) for m in METHODS])
+    runs = [r for r in results[key] if r["proxy"] == proxy]
+    return matched_rows([(m, [r for r in runs if r["method"] == m]) for m in _methods(results)])
 
 
-def summary(results: dict) -> list[str]:
+def summary(results: dict, key: str = "runs") -> list[str]:
     """One row per method: FLOPs / wall saved (%) on every proxy, pretraining not counted (the paper's Table 1);
     then LiGO against each method seed by seed."""
     names = [p["name"] for p in results["proxies"]]
     lines = ["| method | " + " | ".join(f"{n} FLOPs / wall saved %" for n in names) + " |",
              "|---|" + "---|" * len(names)]
-    for method in METHODS:
-        lines.append(f"| {method} | " + " | ".join(summary_cell(_runs(results, n, method)) for n in names) + " |")
+    for method in _methods(results):
+        lines.append(f"| {method} | " + " | ".join(summary_cell(_runs(results, n, method, key)) for n in names)
+                     + " |")
     lead = ["| LiGO against | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for method in METHODS:
+    for method in _methods(results):
         if method == "ligo":
             continue
-        cells = [paired_cell(_runs(results, n, "ligo"), _runs(results, n, method)) for n in names]
+        cells = [paired_cell(_runs(results, n, "ligo", key), _runs(results, n, method, key)) for n in names]
         lead.append(f"| {method} | " + " | ".join(cells) + " |")
     return (["Summary (mean over all seeds, pretraining not counted; ≤: some seed did not reach the goal and counts at "
              "its bound, so the mean is an upper bound; details, sd and the pretraining-counted figures below):", ""]
@@ -448,7 +537,11 @@ def markdown(results: dict, command: str) -> str:
                 "saturate: a 4x128 ViT from scratch reaches ~97 % accuracy within the budget, every method ends "
                 "within the noise of the 360-image validation set and no method saves reliably (at most 12.6 % on "
                 "average, LiGO ≤ -4.1 %; results/savings-digits8x8/).", ""]
+    if "schedules" in results:
+        out += ["## Scratch's schedule (every method)", ""]
     out += summary(results) + [""]
+    if "schedules" in results:
+        out += tuned_summary(results)
     for p in results["proxies"]:
         name = p["name"]
         pre = [r for r in results["pretrain"] if r["proxy"] == name and r["seed"] in s["seeds"]]
@@ -488,7 +581,35 @@ def markdown(results: dict, command: str) -> str:
                    if x.get("loss_fitted") is not None else "") for x in c["candidates"])
             out.append(f"- {method} {KNOBS[method][0]} = **{c['value']:g}** — {cands}")
         out.append("")
+        if "schedules" in results:
+            out += tuned_section(results, name)
     return "\n".join(out) + "\n"
+
+
+def tuned_summary(results: dict) -> list[str]:
+    """--tune-schedule: the summary again with each method's tuned schedule, and how the schedules were chosen."""
+    s = results["settings"]
+    grid = next(iter(results["schedules"].values()))["grid"]
+    return ["## Each method's tuned schedule", "",
+            f"Each method — scratch included — trains its start on the tuning seed {s['tune_seed']} once per point of "
+            f"the same grid of {len(grid)} schedules (ligo_convert.compare.tuning): peak lr x "
+            f"{{{', '.join(f'{f:g}' for f in s['tune_lr_factors'])}}} of the proxy's, times post-growth warmup none "
+            "(one step at the peak rate) / short (a quarter of scratch's) / scratch's; LiGO, MSLT and KI keep the "
+            "knob value they chose before (3 runs with scratch's schedule). Scratch keeps the schedule with the "
+            "lowest final validation loss, which is then the goal on every seed; each other method the one that "
+            "reaches scratch's tuned final loss with the fewest FLOPs (none does: the lowest final loss). Every seed "
+            "then trains with the chosen schedules; savings are against tuned scratch on the same seed.", ""] + \
+        summary(results, "tuned_runs") + [""]
+
+
+def tuned_section(results: dict, proxy: str) -> list[str]:
+    """--tune-schedule, one proxy: the table with each method's tuned schedule and the tuning grid."""
+    info = results["schedules"][proxy]
+    return (["Each method's tuned schedule (pretraining not counted; savings against tuned scratch):", ""]
+            + table(results, proxy, False, "tuned_runs")
+            + ["", "Validation loss when a fraction of tuned scratch's FLOPs is spent:", ""]
+            + matched_table(results, proxy, "tuned_runs") + [""]
+            + tuning_table({"tuning": info, "methods": list(_methods(results))}) + [""])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -503,7 +624,7 @@ def plot(results: dict, path: Path) -> None:
     for col, name in enumerate(proxies):
         for row, counted in enumerate((False, True)):
             lines, goal = [], None
-            for method in METHODS:
+            for method in _methods(results):
                 runs = [r for r in results["runs"] if r["proxy"] == name and r["method"] == method and "curve" in r]
                 if not runs:
                     continue
@@ -526,6 +647,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps of the target")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (one thread each)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods to run (scratch always runs; "
+                        "default: all of " + ", ".join(METHODS) + ")")
+    parser.add_argument("--tune-schedule", action="store_true", help="also tune each method's post-growth warmup "
+                        "and peak lr on the tuning seed over the same grid (ligo-convert compare --tune-schedule) and "
+                        "report both schedules")
+    parser.add_argument("--tune-lr-factors", default=None, help="with --tune-schedule: peak rates tried, as factors "
+                        "of the proxy's (default: " + ",".join(f"{f:g}" for f in LR_FACTORS) + ")")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite savings.md/.png from a savings.json "
                         "this script wrote (no training)")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
@@ -550,6 +678,13 @@ def main(argv=None) -> int:
                     fit_steps=max(1, args.steps // 20))
     if args.jobs:
         s = replace(s, jobs=args.jobs)
+    if args.methods:
+        names = [m.strip() for m in args.methods.split(",")]
+        if any(m not in METHODS for m in names):
+            parser.error(f"--methods: choose from {', '.join(METHODS)}")
+        s = replace(s, methods=tuple(m for m in METHODS if m == "scratch" or m in names))
+    if args.tune_schedule:
+        s = replace(s, tune_schedule=True, tune_lr_factors=parse_lr_factors(args.tune_lr_factors or LR_FACTORS))
     proxies = [PROXIES[n] for n in args.proxies.split(",")]
     if args.quick:
         proxies = [quick_proxy(p) for p in proxies]

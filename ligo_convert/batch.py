@@ -51,6 +51,7 @@ KINDS = ("grow", "pretrain")
 DTYPES = ("float32", "float16", "bfloat16")
 RECORD = {"grow": "growth.json", "pretrain": "pretrain.json"}  # the file in each output that holds the batch record
 ONNX_FILE = "model.onnx"
+HUB_ONNX_FILE = "onnx/model.onnx"  # layout = "hub" (ligo_convert.layout)
 REPORT_NAME = "batch-report"
 
 # Every option a [defaults] table or a job may set: its type and the job kinds that use it.  Values left unset take
@@ -64,7 +65,7 @@ OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "device": ("str", _BOTH), "depth_init": ("str", _GROW), "width_init": ("str", _GROW), "noise": ("float", _GROW),
     "shared_width": ("bool", _GROW), "learn": ("str", _GROW), "dtype": ("str", _BOTH), "onnx": ("bool", _BOTH),
     "nproc": ("int", _GROW), "materialize": ("str", _GROW), "parallel": ("str", _GROW), "workers": ("int", _GROW),
-    "text_column": ("str", _GROW),
+    "text_column": ("str", _GROW), "layout": ("str", _BOTH),
 }
 JOB_KEYS = ("name", "kind", "source", "out")
 TOP_KEYS = ("root", "defaults", "job")
@@ -217,7 +218,7 @@ def _choices() -> dict[str, tuple]:
 
     return {"method": methods(), "objective": OBJECTIVES, "depth_init": DEPTH_INITS, "width_init": WIDTH_INITS,
             "learn": LEARN, "dtype": DTYPES, "family": tuple(sorted(load_descriptors())),
-            "materialize": STREAM_CHOICES, "parallel": PARALLEL}
+            "materialize": STREAM_CHOICES, "parallel": PARALLEL, "layout": ("flat", "hub")}
 
 
 def methods() -> tuple[str, ...]:
@@ -242,11 +243,11 @@ def _library_defaults(kind: str) -> dict:
 
     if kind == "grow":
         values = of(grow)
-        values.update(onnx=True, nproc=1)
+        values.update(onnx=True, nproc=1, layout="flat")
         values.setdefault("method", "ligo")
     else:
         values = {**of(pretrain), **of(micro_spec)}
-        values.update(onnx=True)
+        values.update(onnx=True, layout="flat")
     values["dtype"] = None
     return {k: values.get(k) for k, (_, kinds) in OPTIONS.items() if kind in kinds}
 
@@ -843,14 +844,23 @@ def _run_job(job: Job, source: str | None, spec: dict, key: str, manifest: Manif
         else:
             result.loss_before, result.loss_after = record.get("loss_first"), record.get("loss_last")
         if o["onnx"]:
-            from .export import export_onnx
+            # hub: onnx/model.onnx (+ genai_config.json for LLaMA-style decoders) inside the job's own folder
+            name = HUB_ONNX_FILE if o["layout"] == "hub" else ONNX_FILE
+            say(f"  exporting {name} and validating it with onnxruntime")
+            if o["layout"] == "hub":
+                from .layout import export_hub
 
-            say(f"  exporting {ONNX_FILE} and validating it with onnxruntime")
-            rep = export_onnx(staged, staged / ONNX_FILE, source=str(job.out))
+                hub = export_hub(staged, staged)
+                rep, failure = hub.reports[-1], hub.failure()
+            else:
+                from .export import export_onnx
+
+                rep = export_onnx(staged, staged / ONNX_FILE, source=str(job.out))
+                failure = rep.failure()
             result.onnx_max_diff = rep.max_diff
             if not rep.ok:
-                raise LigoError(f"ONNX validation failed: {rep.failure()}")
-            result.onnx = str(job.out / ONNX_FILE)
+                raise LigoError(f"ONNX validation failed: {failure}")
+            result.onnx = str(job.out / name)
             say(f"  ONNX matches PyTorch: max abs diff {rep.max_diff:.2e} <= {rep.atol:g}")
         record["batch"] = {
             "key": key, "job": job.name, "manifest": str(manifest.path), "spec": spec,

@@ -198,16 +198,26 @@ def from_tensors(spec: Spec, tensors: dict[str, torch.Tensor], family: str, conf
 def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dtype | None = None,
          shard_size: int | str = "5GB", overwrite: bool = False, extra_files: dict[str, str] | None = None,
          progress: Callable[[int], None] | None = None,
-         progress_total: Callable[[int], None] | None = None) -> Path:
+         progress_total: Callable[[int], None] | None = None, allow_eps_change: bool = False) -> Path:
     """Write ``model`` to folder ``out`` in ``family``'s layout (default: the family it came from), atomically.
 
     ``progress_total(n)`` is called once with the number of file tensors to write, then ``progress(k)`` as ``k``
-    more are written (e.g. a tqdm bar's ``total`` and ``update``)."""
+    more are written (e.g. a tqdm bar's ``total`` and ``update``).  ``allow_eps_change``: a family that fixes the
+    norm epsilon (timm's ViT: 1e-6) may hold a model with another one; the output difference that causes is
+    measured (:func:`measure_eps_change`) and written to ``conversion.json``."""
     descriptor = get_descriptor(family or model.family)
     spec = model.spec
     reason = descriptor.supports(spec)
     if reason:
-        raise LigoError(f"cannot write this model as {descriptor.name}: {reason}")
+        changed = _with_family_eps(descriptor, spec)
+        if changed is None:
+            raise LigoError(f"cannot write this model as {descriptor.name}: {reason}")
+        if not allow_eps_change:
+            raise LigoError(f"cannot write this model as {descriptor.name}: {reason}; pass --allow-eps-change to "
+                            f"write it with norm_eps={changed.norm_eps:g} and record the output difference")
+        report = measure_eps_change(model, changed)
+        extra_files = {**(extra_files or {}), CONVERSION_FILE: json.dumps(report, indent=2) + "\n"}
+        spec = changed
     same_family = descriptor.name == model.family
     arch = descriptor.architecture_for(spec)
     if same_family and model.mapping is not None:
@@ -239,6 +249,40 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)
+
+
+CONVERSION_FILE = "conversion.json"  # what a conversion changed beyond the layout (a norm epsilon) and its effect
+
+
+def _with_family_eps(descriptor, spec: Spec) -> Spec | None:
+    """``spec`` with the norm epsilon ``descriptor`` fixes, when that epsilon is all that keeps the family from
+    holding the model; else None."""
+    wanted = descriptor.spec_constants.get("norm_eps")
+    if wanted is None or spec.norm_eps == wanted:
+        return None
+    changed = spec.replace(norm_eps=wanted)
+    return changed if descriptor.supports(changed) is None else None
+
+
+@torch.no_grad()
+def measure_eps_change(model: CanonicalModel, changed: Spec, batch: int = 4, seq: int = 16) -> dict:
+    """How much the canonical forward's output moves when ``model`` runs with ``changed``'s norm epsilon: the
+    largest absolute difference of its logits (else last hidden states) on random inputs (seed 0)."""
+    from .export import example_inputs
+    from .model import forward
+
+    spec = model.spec
+    if spec.input == "tokens" and spec.max_positions:
+        seq = max(1, min(seq, spec.max_positions - spec.position_offset))
+    inputs = example_inputs(spec, batch, None if spec.input == "patches" else seq)
+    weights = model.materialize(torch.float32)
+    before, after = forward(spec, weights, **inputs), forward(changed, weights, **inputs)
+    key = "logits" if "logits" in before else "hidden"
+    return {"norm_eps": {"from": spec.norm_eps, "to": changed.norm_eps}, "measured_on": key,
+            "max_abs_diff": float((before[key] - after[key]).abs().max()),
+            "max_abs_output": float(before[key].abs().max()),
+            "inputs": f"{batch} random {'images' if spec.input == 'patches' else f'sequences of {seq} tokens'}, "
+                      f"seed 0"}
 
 
 def _unchanged(model: CanonicalModel) -> bool:

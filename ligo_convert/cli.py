@@ -187,8 +187,11 @@ Examples:
 @click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Largest safetensors shard, e.g. 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-eps-change", is_flag=True,
+              help="Let a --to family that fixes the norm epsilon (timm-vit: 1e-6) hold a model with another one; "
+                   "the output difference is measured, printed and kept in conversion.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def convert_command(src, out, to, family, dtype, shard_size, overwrite, as_json):
+def convert_command(src, out, to, family, dtype, shard_size, overwrite, allow_eps_change, as_json):
     """Read SRC and write it as safetensors + config.json (+ its tokenizer files) in a family's own layout.
 
     The output appears all at once: on any error nothing is written and SRC is never touched.
@@ -197,6 +200,7 @@ def convert_command(src, out, to, family, dtype, shard_size, overwrite, as_json)
     from tqdm import tqdm
 
     from . import load, save
+    from .canonical import CONVERSION_FILE
     from .checkpoint import parse_size
 
     parse_size(shard_size)  # a bad size is refused before anything is read
@@ -205,14 +209,22 @@ def convert_command(src, out, to, family, dtype, shard_size, overwrite, as_json)
     bar = tqdm(unit="tensor", desc="writing", file=sys.stderr, disable=None, leave=False, delay=0.5)
     with bar:
         path = save(model, out, family=to, dtype=getattr(torch, dtype) if dtype else None, shard_size=shard_size,
-                    overwrite=overwrite, progress=bar.update, progress_total=lambda n: setattr(bar, "total", n))
+                    overwrite=overwrite, progress=bar.update, progress_total=lambda n: setattr(bar, "total", n),
+                    allow_eps_change=allow_eps_change)
     files = sorted(p.name for p in path.iterdir())
     size = sum((path / f).stat().st_size for f in files)
     written = {"out": str(path.absolute()), "family": to or model.family, "source": str(model.source),
                "dtype": dtype or str(model.dtype).removeprefix("torch."), "files": files, "bytes": size}
+    change = json.loads((path / CONVERSION_FILE).read_text()) if CONVERSION_FILE in files else None
+    if change:
+        written["conversion"] = change
     if as_json:
         _print_json(written)
         return
+    if change:
+        eps = change["norm_eps"]
+        click.echo(f"norm_eps {eps['from']:g} -> {eps['to']:g}: {change['measured_on']} move by at most "
+                   f"{change['max_abs_diff']:.3g} (largest {change['max_abs_output']:.3g}) on {change['inputs']}")
     click.echo(f"wrote {written['out']} ({written['family']}, {written['dtype']}, {size / 1e6:.1f} MB): "
                f"{', '.join(files)}")
 

@@ -17,6 +17,7 @@ Examples:
   ligo-convert batch ladder-offline --root runs
   ligo-convert batch ladder-offline --root runs --only mini --json
   ligo-convert batch ladder-offline --root runs --set steps=5 --set onnx=false
+  ligo-convert batch ladder-offline --root runs-hub --set steps=5 --set layout=hub
   ligo-convert batch my-zoo.toml --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT
 """)
 @click.argument("manifest")

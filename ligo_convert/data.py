@@ -27,7 +27,7 @@ as tokenising on the fly.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import datasets_io, token_cache
+from . import datasets_io, files, token_cache
 from .errors import LigoError
 from .spec import Spec
 
@@ -63,6 +63,47 @@ def to_device(batch: dict, device) -> dict:
 def slice_batch(batch: dict, start: int, stop: int) -> dict:
     """Rows ``start:stop`` of every tensor (a data-parallel rank's share of a global batch)."""
     return {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# The unit of every validation read: grow's validation, `eval` and the batch table read the first ``chunks`` x
+# VAL_CHUNK held-out examples, drawn (and, for masked LM, masked) in pieces of this size, so --batch-size changes only
+# how many are scored at once, never which examples nor their masks.
+VAL_CHUNK = 16
+# how many pieces grow's validation and `eval` read by default: 128 examples, cheap next to a fitting step at every
+# size (eval --max-batches 0 reads the whole split)
+VAL_PIECES = 8
+VAL_SEED = 0  # the held-out split has no shuffling; this seed fixes its MLM masks whatever a command's --seed
+
+
+def val_batches(spec: Spec, data=None, tokenizer_dir=None, batch_size: int = 16, seq_len: int = 64,
+                chunks: int | None = None, **options) -> Iterator[dict]:
+    """The validation examples, in batches of ``batch_size`` (the last smaller): the first ``chunks`` x
+    :data:`VAL_CHUNK` examples of the ``val`` split (None or 0: all of it), the same whatever ``batch_size``.
+    ``options`` are those of :func:`batches`."""
+    pieces = batches(spec, data, tokenizer_dir, "val", VAL_CHUNK, seq_len, VAL_SEED, repeat=False, **options)
+    if chunks:
+        pieces = itertools.islice(pieces, chunks)
+    pending: list[dict] = []
+    held = 0
+    for piece in pieces:
+        pending.append(piece)
+        held += _rows(piece)
+        while held >= batch_size:
+            merged = _concat(pending)
+            yield slice_batch(merged, 0, batch_size)
+            pending, held = [slice_batch(merged, batch_size, held)], held - batch_size
+    if held:
+        yield _concat(pending)
+
+
+def _rows(batch: dict) -> int:
+    return len(next(v for k, v in batch.items() if k in FORWARD_KEYS))
+
+
+def _concat(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v for k, v in parts[0].items()}
 
 
 def batches(spec: Spec, data=None, tokenizer_dir=None, split: str = "train", batch_size: int = 16,
@@ -229,14 +270,8 @@ def _normalisation(tokenizer_dir, channels: int) -> tuple[torch.Tensor, torch.Te
     mean, std = [0.5] * channels, [0.5] * channels
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir) / "preprocessor_config.json"
-        if path.is_file():
-            try:
-                cfg = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise LigoError(f"{path}: not valid JSON ({e}); restore the file") from None
-            m, s = cfg.get("image_mean"), cfg.get("image_std")
-            if isinstance(m, list) and isinstance(s, list) and len(m) == len(s) == channels:
-                mean, std = m, s
+        if path.is_file() or path.is_symlink():
+            mean, std = files.read_image_normalisation(path, channels) or (mean, std)
     return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
 
@@ -534,15 +569,9 @@ class TextEncoder:
     def _mask_id(self, folder: Path) -> int | None:
         names = []
         cfg = folder / "tokenizer_config.json"
-        if cfg.is_file():
-            try:
-                token = json.loads(cfg.read_text()).get("mask_token")
-            except json.JSONDecodeError:
-                token = None
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str):
-                names.append(token)
+        token = files.read_mask_token(cfg) if cfg.is_file() or cfg.is_symlink() else None
+        if token is not None:
+            names.append(token)
         names += ["[MASK]", "<mask>"]
         for name in names:
             i = self.tokenizer.token_to_id(name)

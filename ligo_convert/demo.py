@@ -83,6 +83,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--out", type=Path, help="keep the small and grown checkpoints here (default: a temp folder)")
     args = p.parse_args(argv)
+    from .threads import configure
+
+    configure()  # a command, like the CLI's: the cores other processes leave free, unless OMP_NUM_THREADS says
     run(args.text, args.pretrain_steps, args.steps, args.lr, args.out)
 
 

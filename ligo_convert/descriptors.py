@@ -355,6 +355,9 @@ class Descriptor:
         self.prefixes: list[str] = names.get("prefixes", [""])
         self.drop: list[re.Pattern] = [re.compile(p) for p in names.get("drop", [])]
         self.renames: list[tuple[str, str]] = [tuple(r) for r in names.get("rename", [])]
+        # [canonical name, config switch]: a decoder the family stores as a tied copy (dropped above) unless the
+        # config's switch is false: then the stored tensor is the model's own, read under its [tensors] name
+        self.untie: list[tuple[str, str]] = [tuple(u) for u in names.get("untie", [])]
         # [regex, feature]: keys of features we know but do not support (e.g. timm LayerScale), refused by name
         self.unsupported: list[tuple[re.Pattern, str]] = [(re.compile(p), what)
                                                           for p, what in names.get("unsupported", [])]
@@ -384,7 +387,15 @@ class Descriptor:
                                            a.get("tensors", {}))
                               for a in data.get("architectures", [])]
         self.carry_files: list[str] = data.get("carry_files", [])
+        # onnxruntime-genai's model "type" for this family's causal LMs: one name, or config model_type -> name
+        # (a descriptor serving several model types); absent: the ONNX hub layout writes no genai_config.json
+        genai = data.get("genai_type")
+        self.genai_types: dict[str, str] = genai if isinstance(genai, dict) else {"*": genai} if genai else {}
         self._check()
+
+    def genai_type(self, config: dict) -> str | None:
+        """onnxruntime-genai's model type for a model of this family with ``config`` (None: not known to it)."""
+        return self.genai_types.get(config.get("model_type"), self.genai_types.get("*"))
 
     def _check(self):
         for pattern in list(self.tensors) + list(self.transforms) + [p for a in self.architectures for p in a.tensors]:
@@ -526,12 +537,24 @@ class Descriptor:
         return 0
 
     def resolve_locations(self, mapping: Mapping, config: dict) -> None:
-        """Evaluate the split sizes / interleave groups of fused tensors from what the config says (in place)."""
+        """Evaluate the split sizes / interleave groups of fused tensors from what the config says, and read untied
+        decoders the config switches on (in place)."""
+        self._untie_decoders(mapping, config)
         if not any(loc.split or loc.interleave for loc in mapping.locations.values()):
             return
         values = {**self.spec_constants, **self._read_config_fields(config)}
         self._resolve_defaults(values)
         mapping.locations = {name: loc.resolved(values) for name, loc in mapping.locations.items()}
+
+    def _untie_decoders(self, mapping: Mapping, config: dict) -> None:
+        for canonical, switch in self.untie:
+            if config.get(switch, True) is not False or canonical in mapping.locations:
+                continue
+            regex = _regex(self.tensors[canonical], mapping.prefix)
+            key = next((k for k in mapping.dropped if regex.match(self._normalise(k))), None)
+            if key is not None:
+                mapping.dropped.remove(key)
+                mapping.locations[canonical] = Location(key, self.transforms.get(canonical))
 
     # -- spec inference ---------------------------------------------------------------------------------------------
     def infer_spec(self, config: dict, shapes: dict[str, tuple], where: dict[str, str]) -> Spec:
@@ -702,11 +725,15 @@ class Descriptor:
             cf.write(config, value)
         names = spec.to_dict()
         for key, expr in self.config_write_derived.items():
+            # { expr = "...", only_if_missing = true }: a value for a config that lacks the key (a model made from
+            # scratch), where the class's own default would not fit (GPT-2's eos 50256 beyond a 258-token vocab)
+            missing_only = isinstance(expr, dict) and expr.get("only_if_missing", False)
+            expr = expr["expr"] if isinstance(expr, dict) else expr
             try:
                 value = [evaluate(e, names) for e in expr] if isinstance(expr, list) else evaluate(expr, names)
             except Unresolved:
                 continue  # the spec lacks a value it needs (e.g. no classes): leave the key as it is
-            _set_path(config, key, value)
+            _set_path(config, key, value, only_if_missing=missing_only)
         # Prefer the model class the base config already names when it still fits (e.g. a Mistral model stays
         # MistralForCausalLM in a descriptor that also writes LlamaForCausalLM).
         named = config.get("architectures") or []

@@ -9,6 +9,7 @@ which it exports and validates into a temporary folder first.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .objectives import evaluate_metrics
 from .spec import Spec
 
 ENGINES = ("torch", "onnx")
-DEFAULT_MAX_BATCHES = 50  # the embedded text's held-out part alone is thousands of batches
+DEFAULT_MAX_BATCHES = data_mod.VAL_PIECES  # the embedded text's held-out part alone is thousands of batches
 
 
 def _is_onnx_file(model) -> bool:
@@ -76,13 +77,15 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
     exported ``.onnx`` file) on ``data`` (None: the embedded digits or standard-library text).
 
     Returns ``loss``, ``accuracy`` (classes, masked tokens or next tokens), ``perplexity`` (LMs), ``count`` (examples
-    or predicted tokens) and what was read.  ``max_batches`` None or 0 reads the whole split.  ``workers`` (image
+    or predicted tokens) and what was read.  ``max_batches`` None or 0 reads the whole split; on ``val`` it counts
+    pieces of ``data.VAL_CHUNK`` examples (the same examples and masks whatever ``batch_size`` and ``seed``, and
+    those grow's reported validation loss reads with as many ``eval_batches``), on ``train`` batches.  ``workers`` (image
     folders' loader processes) and ``text_column`` (a table's text column) go to :func:`data.batches`.
     """
     if engine not in ENGINES:
         raise LigoError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if max_batches is not None and max_batches < 0:
-        raise LigoError(f"max batches must be 0 (all) or more, not {max_batches}")
+        raise LigoError(f"--max-batches must be 0 (all) or more, not {max_batches}")
     if engine == "onnx" and _is_onnx_file(model):
         from .export import read_metadata, spec_of_onnx
 
@@ -119,13 +122,15 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
         tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else _tokenizer_dir(source)
         totals = None
         batches = 0
-        for batch in data_mod.batches(spec, data, tokenizer_dir=tokenizer_dir, split=split, batch_size=batch_size,
-                                      seq_len=seq_len, seed=seed, repeat=False, workers=workers,
-                                      text_column=text_column):  # the forward runs on the CPU: nothing to pin
+        options = {"workers": workers, "text_column": text_column}  # the forward runs on the CPU: nothing to pin
+        if split == "val":  # the examples grow's validation reads too, whatever batch_size (data.val_batches)
+            stream = data_mod.val_batches(spec, data, tokenizer_dir, batch_size, seq_len, max_batches, **options)
+        else:
+            stream = itertools.islice(data_mod.batches(spec, data, tokenizer_dir, split, batch_size, seq_len, seed,
+                                                       repeat=False, **options), max_batches or None)
+        for batch in stream:
             totals = evaluate_metrics(spec, run(batch), batch, totals)
             batches += 1
-            if max_batches and batches >= max_batches:
-                break
     if totals is None:
         raise LigoError(f"no {split} data for this model")
     out = {

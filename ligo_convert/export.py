@@ -557,35 +557,43 @@ def _reference(spec: Spec, weights, inputs: dict) -> tuple[torch.Tensor, list[to
 
 def _generation_check(spec: Spec, weights, session, names: list[str], dtype, limit: int, atol: float,
                       batch: int = 2, prompt: int = 7) -> Check:
-    """Greedy decoding of a left-padded batch: onnxruntime through its cache (prefill, then one token a step), each
-    step against PyTorch recomputing the whole sequence without a cache.  Onnxruntime is fed PyTorch's tokens, so a
-    tie between the two best logits within the tolerance cannot make the rest of the run incomparable; where the best
-    two differ by more than that, onnxruntime must choose the same token."""
+    """Greedy decoding of a left-padded batch: onnxruntime through its cache (prefill, then one token a step, each
+    time its own choice), then every step against PyTorch recomputing the whole sequence without a cache.  One
+    causal forward over the final sequence gives at each place exactly the logits a recompute at that step gives
+    (no place sees a later one), so it replaces one full forward a step.  A tie between the two best logits within
+    the tolerance may go either way (the rest stays comparable: the reference runs on onnxruntime's own tokens);
+    where the best two differ by more than that, onnxruntime must choose PyTorch's token."""
     new = max(1, min(GENERATION_TOKENS, limit - prompt))
     inputs = cache_inputs(spec, batch, prompt, 0, seed=11, dtype=dtype, pad_left=2)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     shapes = {"prompt": [batch, prompt], "new_tokens": [new]}
-    diff, ties, feed = 0.0, 0, inputs
+    steps, feed = [], inputs
     for step in range(new):
         got, failed = _run(session, names, feed, shapes)
         if failed:
             return failed
-        with torch.no_grad():
-            whole, _ = forward_cached(spec, weights, ids, mask, positions_of(mask), empty_cache(spec, batch))
-        expected, ours = whole[:, -1], torch.from_numpy(got[0][:, -1].astype(np.float32))
-        diff = max(diff, _diff(got[0][:, -1], expected))
+        steps.append(got[0][:, -1].astype(np.float32))
+        chosen = torch.from_numpy(steps[-1]).argmax(-1)
+        if step == new - 1:
+            break
+        ids = torch.cat([ids, chosen[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], 1)
+        feed = {"input_ids": chosen[:, None], "attention_mask": mask, "position_ids": positions_of(mask)[:, -1:]}
+        feed.update({name: torch.from_numpy(v) for name, v in zip(cache_names(spec, "past_key_values"), got[1:])})
+    with torch.no_grad():
+        whole, _ = forward_cached(spec, weights, ids, mask, positions_of(mask), empty_cache(spec, batch))
+    diff, ties = 0.0, 0
+    for step, ours in enumerate(steps):
+        expected = whole[:, prompt - 1 + step]
+        diff = max(diff, _diff(ours, expected))
         top2 = expected.topk(2, dim=-1).values
-        chosen, wanted = ours.argmax(-1), expected.argmax(-1)
+        chosen, wanted = torch.from_numpy(ours).argmax(-1), expected.argmax(-1)
         for row in range(batch):
             if chosen[row] != wanted[row]:
                 if top2[row, 0] - top2[row, 1] > 2 * atol:
                     return Check("", shapes, {"logits": diff}, mismatch=(
                         f"step {step + 1}, row {row}: token {int(chosen[row])} instead of {int(wanted[row])}"))
                 ties += 1
-        ids = torch.cat([ids, wanted[:, None]], 1)
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], 1)
-        feed = {"input_ids": wanted[:, None], "attention_mask": mask, "position_ids": positions_of(mask)[:, -1:]}
-        feed.update({name: torch.from_numpy(v) for name, v in zip(cache_names(spec, "past_key_values"), got[1:])})
     return Check("", shapes, {"logits": diff}, note=f"{ties} tie(s) within the tolerance" if ties else None)
 
 
@@ -612,15 +620,79 @@ def export_onnx(model_or_folder, out, *, opset: int = DEFAULT_OPSET, dtype: str 
     (``report.path``).  User errors (unknown dtype, unsupported model, missing onnxruntime, existing output)
     raise :class:`LigoError` before anything is written.
     """
+    options.check(atol=(atol, "positive"), opset=(opset, "size"))
+    out = _check_onnx_out(Path(out), overwrite)
+    plan = plan_export(model_or_folder, opset=opset, dtype=dtype, atol=atol, cache=cache, quantize=quantize,
+                       data=data, text_column=text_column)
+    reference = reference_weights(plan)
+    meta = export_metadata(plan, source, extra_metadata)
+    # write under a temporary name: a crash leaves no file that looks like a finished export.  The external data
+    # file (large models only) gets its final name at once, since the model file refers to it by name; an int8
+    # file is made from a validated fp32 one, whose weights (large models) go to a temporary data file.
+    pid = os.getpid()
+    tmp = out.with_name(f".{out.name}.{pid}.tmp.onnx")
+    final_data = out.name + ".data"
+    temporary = [tmp]
+    task = None
+    try:
+        data_name, seconds = trace_and_write(plan, reference, tmp, meta, f".{out.name}.{pid}.fp32.data" if quantize
+                                             else final_data, temporary, log, out.name)
+        checks, ok = validate_step(plan, tmp, reference, log)
+        if quantize and ok:
+            quantized = out.with_name(f".{out.name}.{pid}.int8.tmp.onnx")
+            int8_data = final_data if data_name else None
+            temporary += [quantized] + ([out.parent / int8_data] if int8_data else [])
+            task, ok = quantize_step(plan, tmp, quantized, int8_data, log)
+            tmp.unlink()
+            if data_name:
+                (out.parent / data_name).unlink(missing_ok=True)
+            tmp, data_name = quantized, int8_data
+    except BaseException:
+        for path in temporary:
+            path.unlink(missing_ok=True)
+        raise
+    final = publish_file(tmp, out, ok)
+    return file_report(plan, final, ok, quantize or dtype, data_name, seconds, checks, task)
+
+
+# --- the steps of an export, shared by export_onnx and layout.export_hub ---------------------------------------------
+
+
+@dataclass
+class ExportPlan:
+    """What one ONNX file will be, every option checked: made by :func:`plan_export` before any work."""
+
+    model: CanonicalModel
+    dtype: str
+    opset: int
+    tol: float
+    cache: bool
+    quantize: str | None
+    tokenizer_dir: Path | None
+    data: object = None
+    text_column: str | None = None
+
+    @property
+    def spec(self) -> Spec:
+        return self.model.spec
+
+
+def _check_onnx_out(out: Path, overwrite: bool) -> Path:
     from .files import check_output
 
-    out = Path(out)
-    options.check(atol=(atol, "positive"), opset=(opset, "size"))
     if out.suffix != ".onnx":
         raise LigoError(f"{out}: the output file must end in .onnx")
     check_output(out, overwrite=overwrite, kind="file")
     if not out.parent.is_dir():
         raise LigoError(f"{out.parent}: no such folder for the output file")
+    return out
+
+
+def plan_export(model_or_folder, *, opset: int = DEFAULT_OPSET, dtype: str = "float32", atol: float | None = None,
+                cache: bool | None = None, quantize: str | None = None, data=None,
+                text_column: str | None = None) -> ExportPlan:
+    """Check every option of one export (LigoError naming the flag) and load the model: nothing is written."""
+    options.check(atol=(atol, "positive"), opset=(opset, "size"))
     if quantize not in (None, "int8"):
         raise LigoError(f"cannot quantize to {quantize!r}: choose int8 (onnxruntime's dynamic quantisation)")
     if quantize and dtype != "float32":
@@ -632,67 +704,82 @@ def export_onnx(model_or_folder, out, *, opset: int = DEFAULT_OPSET, dtype: str 
     if cache and not has_cache(spec):
         raise LigoError("only a causal LM exports with a key/value cache; export this model without --cache")
     _runtime()
-    tokenizer_dir = model.source if model.source is not None and Path(model.source).is_dir() else None
+    tokenizer_dir = Path(model.source) if model.source is not None and Path(model.source).is_dir() else None
     if quantize:
         from .quantize import check_data
 
         check_data(spec, data, tokenizer_dir, text_column)
     tol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
-    torch_dtype = DTYPES[dtype]
+    return ExportPlan(model, dtype, opset, tol, cache, quantize, tokenizer_dir, data, text_column)
 
-    reference = model.materialize(torch.float32)
-    _check_shapes(spec, reference)
+
+def reference_weights(plan: ExportPlan) -> dict[str, torch.Tensor]:
+    """The fp32 weights every file of the model is traced from and validated against."""
+    reference = plan.model.materialize(torch.float32)
+    _check_shapes(plan.spec, reference)
+    return reference
+
+
+def export_metadata(plan: ExportPlan, source: str | None = None, extra: dict[str, str] | None = None) -> dict:
+    meta = metadata(plan.model, plan.dtype, source)
+    meta.update({METADATA_PREFIX + k: v for k, v in (extra or {}).items()})
+    return meta
+
+
+def trace_and_write(plan: ExportPlan, reference: dict[str, torch.Tensor], path: Path, meta: dict[str, str],
+                    large_data_name: str, temporary: list[Path], log=None, shown: str | None = None
+                    ) -> tuple[str | None, float]:
+    """Trace the model in ``plan.dtype`` and write it to ``path``; above protobuf's limit its weights go to
+    ``large_data_name`` beside it.  Files about to be written are added to ``temporary`` (the caller's clean-up).
+    Returns (the data file's name or None, seconds)."""
+    torch_dtype = DTYPES[plan.dtype]
     weights = reference if torch_dtype == torch.float32 else {k: v.to(torch_dtype) for k, v in reference.items()}
     start = time.perf_counter()
-    module = (CachedModule if cache else CanonicalModule)(spec, weights).eval()
-    program = _trace(module, spec, opset, cache)
-    meta = metadata(model, dtype, source)
-    meta.update({METADATA_PREFIX + k: v for k, v in (extra_metadata or {}).items()})
-
-    # write under a temporary name: a crash leaves no file that looks like a finished export.  The external data
-    # file (large models only) gets its final name at once, since the model file refers to it by name.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")
+    module = (CachedModule if plan.cache else CanonicalModule)(plan.spec, weights).eval()
+    program = _trace(module, plan.spec, plan.opset, plan.cache)
     # measured on the graph, not the weights: the exporter may fold a transposed copy of a tied matrix into it
     nbytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                  if v.const_value is not None)
-    data_name = out.name + ".data" if nbytes >= EXTERNAL_DATA_THRESHOLD else None
-    # an int8 file is made from a validated fp32 one, whose weights (large models) go to a temporary data file
-    fp32_data = f".{out.name}.{os.getpid()}.fp32.data" if quantize and data_name else data_name
-    temporary = [tmp] + ([out.parent / fp32_data] if fp32_data else []) + ([out.parent / data_name] if data_name else [])
-    task = None
-    try:
-        _write(program, tmp, meta, fp32_data)
-        del program
-        seconds = time.perf_counter() - start
-        if log:
-            log(f"exported {out.name} ({dtype}, opset {opset}) in {seconds:.1f} s; validating with onnxruntime "
-                f"(atol {tol:g})")
-        checks = validate(tmp, model, tol, reference=reference, log=log)
-        ok = all(c.passed(tol) for c in checks)
-        if quantize and ok:
-            from .quantize import quantize_validated
+    data_name = large_data_name if nbytes >= EXTERNAL_DATA_THRESHOLD else None
+    temporary += [path] + ([path.parent / data_name] if data_name else [])
+    _write(program, path, meta, data_name)
+    del program
+    seconds = time.perf_counter() - start
+    if log:
+        log(f"exported {shown or path.name} ({plan.dtype}, opset {plan.opset}) in {seconds:.1f} s; validating with "
+            f"onnxruntime (atol {plan.tol:g})")
+    return data_name, seconds
 
-            quantized = out.with_name(f".{out.name}.{os.getpid()}.int8.tmp.onnx")
-            temporary.append(quantized)
-            if log:
-                log(f"quantizing to int8 and validating it on the task")
-            task = quantize_validated(tmp, quantized, model, data, tokenizer_dir, text_column, data_name, log)
-            ok = task[-1].passed
-            tmp.unlink()
-            if fp32_data != data_name:
-                (out.parent / fp32_data).unlink(missing_ok=True)
-            tmp = quantized
-    except BaseException:
-        for path in temporary:
-            path.unlink(missing_ok=True)
-        raise
+
+def validate_step(plan: ExportPlan, path: Path, reference, log=None) -> tuple[list[Check], bool]:
+    checks = validate(path, plan.model, plan.tol, reference=reference, log=log)
+    return checks, all(c.passed(plan.tol) for c in checks)
+
+
+def quantize_step(plan: ExportPlan, fp32: Path, out: Path, data_name: str | None, log=None) -> tuple[list, bool]:
+    """The validated fp32 file ``fp32`` quantised into ``out`` and validated on the task: (checks, passed)."""
+    from .quantize import quantize_validated
+
+    if log:
+        log("quantizing to int8 and validating it on the task")
+    task = quantize_validated(fp32, out, plan.model, plan.data, plan.tokenizer_dir, plan.text_column, data_name, log)
+    return task, task[-1].passed
+
+
+def publish_file(tmp: Path, out: Path, ok: bool) -> Path:
+    """Give a written file its final name: ``out``, or ``*.invalid.onnx`` when validation failed."""
     final = out if ok else invalid_path(out)
     if not ok:
         out.unlink(missing_ok=True)  # an older export being replaced must not stay looking valid either
     os.replace(tmp, final)
-    size = final.stat().st_size + ((out.parent / data_name).stat().st_size if data_name else 0)
-    return ExportReport(str(final), ok, quantize or dtype, opset, tol, input_names(spec, cache),
-                        output_names(spec, cache), data_name, size, seconds, checks, cache,
+    return final
+
+
+def file_report(plan: ExportPlan, path: Path, ok: bool, dtype: str, data_name: str | None, seconds: float,
+                checks: list[Check], task=None) -> ExportReport:
+    size = path.stat().st_size + ((path.parent / data_name).stat().st_size if data_name else 0)
+    return ExportReport(str(path), ok, dtype, plan.opset, plan.tol, input_names(plan.spec, plan.cache),
+                        output_names(plan.spec, plan.cache), data_name, size, seconds, checks, plan.cache,
                         [t.to_dict() for t in task] if task else None)
 
 

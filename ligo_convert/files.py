@@ -274,3 +274,44 @@ def spec_from_metadata(path: Path, field: str, data, fix: str):
     except (TypeError, ValueError) as e:
         raise LigoError(f"{path}: metadata field {field} is not a valid spec ({e}); {fix}") from None
     return spec
+
+
+# --- tokenizer and preprocessor configs -------------------------------------------------------------------------------
+
+
+def _numbers(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) for v in value)
+
+
+def read_image_normalisation(path: Path, channels: int) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) of a preprocessor_config.json, one finite number per channel (a single number counts
+    for every channel, as transformers reads it), std > 0; None when the file gives neither field."""
+    fix = "fix the field or remove the file (0.5 / 0.5 is used without one)"
+    data = read_json_object(path, fix)
+    if data.get("image_mean") is None and data.get("image_std") is None:
+        return None
+    values = []
+    for field in ("image_mean", "image_std"):
+        value = data.get(field)
+        value = [value] * channels if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not _numbers(value) or len(value) != channels:
+            raise LigoError(f"{path}: field {field} must be a list of {channels} finite numbers (one per channel), "
+                            f"not {value!r}; {fix}")
+        values.append([float(v) for v in value])
+    if any(v <= 0 for v in values[1]):
+        raise LigoError(f"{path}: field image_std must be positive (it divides the pixels), not {values[1]}; {fix}")
+    return values[0], values[1]
+
+
+def read_mask_token(path: Path) -> str | None:
+    """The ``mask_token`` a tokenizer_config.json names (a string, or transformers' {"content": ...} form), or None
+    when it names none."""
+    data = read_json_object(path, "restore the file (the tokenizer's own files)")
+    token = data.get("mask_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if token is not None and not isinstance(token, str):
+        raise LigoError(f"{path}: field mask_token must be a token string (or {{\"content\": \"...\"}}), not "
+                        f"{data.get('mask_token')!r}; fix the field or remove it")
+    return token

@@ -10,7 +10,6 @@ cache is run on the whole sequence every step), so they give the same tokens.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -105,19 +104,22 @@ def onnx_step(session, spec: Spec) -> Step:
 
 def eos_ids(folder: Path | None) -> set[int]:
     """The end-of-sequence ids of a checkpoint folder: generation_config.json's, else config.json's."""
+    from .files import is_int, read_json_object
+
     if folder is None:
         return set()
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if not path.is_file():
             continue
-        try:
-            value = json.loads(path.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            raise LigoError(f"{path}: is not a JSON object; restore the file") from None
-        if value is not None:
-            values = value if isinstance(value, list) else [value]
-            return {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
+        value = read_json_object(path).get("eos_token_id")
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(is_int(v) and v >= 0 for v in values):
+            raise LigoError(f"{path}: eos_token_id must be a token id or a list of them, not {value!r}; fix the "
+                            f"file")
+        return set(values)
     return set()
 
 

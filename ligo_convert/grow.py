@@ -40,7 +40,7 @@ from .growth.fit import (DEFAULT_LR, DEFAULT_STEPS, PARALLEL, GrowingModel, Teac
                           evaluate_loss, fit, resolve_device, world)
 from .growth.operator import LigoOperator, check_growable
 from .memory import release_freed_memory
-from .objectives import choose_objective
+from .objectives import choose_objective, head_misfit
 from .spec import Spec
 
 SIZE_KEYS = ("layers", "width", "heads", "kv_heads", "mlp", "head_dim")
@@ -179,7 +179,7 @@ class GrowOptions:
     learn: str = "both"
     operator: object = None
     save_operator: object = None
-    eval_batches: int = 8
+    eval_batches: int = data_mod.VAL_PIECES
     overwrite: bool = False
     write: bool = True
     dtype: torch.dtype | None = None
@@ -252,7 +252,7 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
          lr: float = DEFAULT_LR, batch_size: int = 16, seq_len: int = 64, seed: int = 0, device: str = "auto",
          depth_init: str = "stack", width_init: str = "random", noise: float = inits.DEFAULT_NOISE,
          shared_width: bool = False, learn: str = "both", operator: str | os.PathLike | None = None,
-         save_operator: str | os.PathLike | None = None, eval_batches: int = 8, overwrite: bool = False,
+         save_operator: str | os.PathLike | None = None, eval_batches: int = data_mod.VAL_PIECES, overwrite: bool = False,
          write: bool = True, dtype: torch.dtype | None = None, log: Callable[[str], None] | None = None,
          progress: bool = False, method: str = "ligo", init: str | None = None, materialize: str = "auto",
          parallel: str = "ddp", workers: int | None = None, text_column: str | None = None) -> GrowResult:
@@ -375,19 +375,14 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
     fitting = op is not None and o.operator is None and o.steps > 0
     if not fitting and not (op is None and o.eval_batches > 0):
         return _save_operator(plan, growth)
-    obj, why = choose_objective(plan.src.spec, o.objective)
+    if op is None:
+        return _baseline_validation(plan, growth, dev)
+    obj, why = choose_objective(plan.src.spec, o.objective, head_misfit(plan.src.spec, o.data))
     tok_dir = plan.src.source
-    val = list(itertools.islice(data_mod.batches(spec_t, o.data, tok_dir, "val", o.batch_size, o.seq_len, o.seed,
-                                                 **o.data_options(dev)), o.eval_batches))
-    teacher = None
-    if obj == "distill":  # the source's outputs: the operator's frozen copy, or (baselines) the source itself
-        weights = op.source_weights() if op is not None else plan.src.materialize(torch.float32)
-        teacher = Teacher(plan.src.spec, weights, dev)
+    val = _validation_batches(plan, dev)
+    # distillation's teacher: the source's outputs, from the operator's frozen copy
+    teacher = Teacher(plan.src.spec, op.source_weights(), dev) if obj == "distill" else None
     info = {"objective": obj, "objective_reason": why, "data": data_mod.describe(spec_t, o.data, o.text_column)}
-    if op is None:  # a baseline: the same held-out loss LiGO reports at init, for comparison
-        growth.report.update({**info, "loss_init": evaluate_loss(spec_t, growth.tensors, val, obj, teacher, dev)})
-        o.say(f"{o.method}: validation {obj} loss of the grown model {growth.report['loss_init']:.4f}")
-        return None
     o.say(f"objective: {why}")
     if not any(p.requires_grad for p in op.parameters()):
         o.say(f"with --learn {o.learn} this growth has nothing to fit (that part does not grow); the initial "
@@ -414,6 +409,35 @@ def fit_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
                           "fit_wall_s": round(result.wall_s, 3), "world_size": world()[1],
                           "parallel": o.parallel if world()[1] > 1 else None})
     return _save_operator(plan, growth)
+
+
+def _validation_batches(plan: GrowPlan, dev: torch.device) -> list[dict]:
+    """The held-out examples `eval` reads by default (eval_batches x data.VAL_CHUNK), whatever --batch-size and
+    --seed, so the reported validation loss is eval's of the written model."""
+    o = plan.options
+    if not o.eval_batches:
+        return []
+    return list(data_mod.val_batches(plan.spec, o.data, plan.src.source, o.batch_size, o.seq_len, o.eval_batches,
+                                     **o.data_options(dev)))
+
+
+def _baseline_validation(plan: GrowPlan, growth: Growth, dev: torch.device) -> None:
+    """A baseline fits nothing: its held-out loss (the one LiGO reports at init) is only for comparison, so data
+    that cannot give it skips the evaluation, saying why, instead of refusing the growth."""
+    o = plan.options
+    try:
+        obj, why = choose_objective(plan.src.spec, o.objective, head_misfit(plan.src.spec, o.data))
+        val = _validation_batches(plan, dev)
+        teacher = Teacher(plan.src.spec, plan.src.materialize(torch.float32), dev) if obj == "distill" else None
+        loss = evaluate_loss(plan.spec, growth.tensors, val, obj, teacher, dev)
+        described = data_mod.describe(plan.spec, o.data, o.text_column)
+    except LigoError as e:
+        growth.report.update({"loss_init": None, "evaluation_skipped": str(e)})
+        o.say(f"{o.method}: grown (it fits nothing, so needs no data); validation skipped: {e}")
+        return None
+    growth.report.update({"objective": obj, "objective_reason": why, "data": described, "loss_init": loss})
+    o.say(f"{o.method}: validation {obj} loss of the grown model {loss:.4f} ({why})")
+    return None
 
 
 def _operator(plan: GrowPlan) -> LigoOperator:

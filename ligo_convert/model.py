@@ -46,6 +46,60 @@ class Factored(NamedTuple):
         return self.core @ self.right.T
 
 
+class Chain(NamedTuple):
+    """A grown layer's (out, in) matrix ``left @ core @ right.T`` (B_out W B_in^T) kept as its factors; ``left`` or
+    ``right`` is None where that axis does not grow.  :func:`linear` applies it to its input rows in the order with
+    the fewest multiply-adds for that many rows: at a fitting batch, running the rows through the factors costs less
+    than forming the dense matrix (its rank is at most the source's width), forward and backward alike."""
+
+    left: Tensor | None  # (D2_out, D1_out)
+    core: Tensor  # (D1_out, D1_in)
+    right: Tensor | None  # (D2_in, D1_in)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left if self.left is not None else self.core).shape[0], \
+            (self.right if self.right is not None else self.core.T).shape[0]
+
+    def dense(self) -> Tensor:
+        return self._product(self._cheapest(0, dense=True))
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x @ dense().T`` for rows ``x`` (N, D2_in), without a transposed copy of any factor."""
+        return self._product(self._cheapest(x.shape[0]), x)
+
+    def _cheapest(self, n: int, dense: bool = False) -> str:
+        """The order of ``x R C^T L^T`` (the 5 ways to bracket it) with the fewest multiply-adds for ``n`` rows."""
+        (a, b), (c, d) = self.core.shape, self.shape  # a, b: D1 out / in; c, d: D2 out / in
+        lft, rgt = int(self.left is not None), int(self.right is not None)
+        costs = {"dense-left": lft * c * a * b + rgt * c * b * d + n * d * c,  # x ((L C) R^T)^T
+                 "dense-right": rgt * a * b * d + lft * c * a * d + n * d * c}  # x (L (C R^T))^T
+        if not dense:
+            costs.update({"rows": rgt * n * d * b + n * b * a + lft * n * a * c,  # ((x R) C^T) L^T
+                          "left": lft * c * a * b + rgt * n * d * b + n * b * c,  # (x R) (L C)^T
+                          "right": rgt * a * b * d + n * d * a + lft * n * a * c})  # (x (R C^T)) L^T
+        return min(costs, key=costs.get)  # ties: the first listed, so the choice is the same on every run
+
+    def _product(self, order: str, x: Tensor | None = None) -> Tensor:
+        left, core, right = self.left, self.core, self.right
+        if order.startswith("dense"):
+            if order == "dense-left":
+                w = left @ core if left is not None else core
+                w = w @ right.T if right is not None else w
+            else:
+                w = core @ right.T if right is not None else core
+                w = left @ w if left is not None else w
+            return w if x is None else x @ w.T
+        if order == "right":
+            h = x @ (right @ core.T if right is not None else core.T)  # (N, D1_out)
+        else:
+            h = x @ right if right is not None else x  # (N, D1_in)
+            if order == "left":
+                return h @ (left @ core if left is not None else core).T
+            h = h @ core.T
+        return h @ left.T if left is not None else h
+
+
 def rows(table: Tensor | Factored, ids: Tensor) -> Tensor:
     """``F.embedding(ids, table)`` for a plain or factored table."""
     if isinstance(table, Factored):
@@ -90,7 +144,12 @@ def norm(spec: Spec, w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
 def linear(w: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
     # on (B, T, D) PyTorch itself folds to (B*T, D) and calls addmm, so this is the same arithmetic; spelled out, the
     # ONNX exporter emits one Gemm with the bias fused instead of a 3-D MatMul plus a separate Add
-    y = F.linear(x.reshape(-1, x.shape[-1]), w[prefix + ".weight"], w.get(prefix + ".bias"))
+    weight, bias = w[prefix + ".weight"], w.get(prefix + ".bias")
+    if isinstance(weight, Chain):  # a grown layer's factors (fitting): no dense weight
+        y = weight.apply(x.reshape(-1, x.shape[-1]))
+        y = y + bias if bias is not None else y
+    else:
+        y = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

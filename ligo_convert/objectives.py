@@ -30,20 +30,40 @@ NO_TASK_DATA = {"token_binary": "the per-token binary head (replaced-token detec
                                 "replaced, which the data does not give"}
 
 
-def choose_objective(spec: Spec, requested: str = "auto") -> tuple[str, str]:
-    """(objective, why): ``auto`` takes the model's own task where it has a head, else distillation."""
+def head_misfit(spec: Spec, data=None) -> str | None:
+    """Why ``data`` (None: the embedded data) cannot give the task loss of ``spec``'s classifier head, or None:
+    known before any batch is read, so ``auto`` can choose distillation instead of failing later."""
+    if spec.head != "classifier":
+        return None
+    if spec.input != "patches":
+        return "the text data gives no class labels for the classifier head"
+    from .data import image_source
+
+    classes = image_source(data).classes or []
+    if len(classes) > spec.num_classes:
+        return f"the data has {len(classes)} classes but the head only {spec.num_classes}"
+    return None
+
+
+def choose_objective(spec: Spec, requested: str = "auto", misfit: str | None = None) -> tuple[str, str]:
+    """(objective, why): ``auto`` takes the model's own task where it has a head and the data fits it (``misfit``:
+    why it does not, from :func:`head_misfit`), else distillation."""
     if requested not in OBJECTIVES:
         raise LigoError(f"unknown objective {requested!r}; choose one of {', '.join(OBJECTIVES)}")
     if requested == "task" and spec.head == "none":
         raise LigoError("this model has no output head, so it has no task loss; use --objective distill")
     if requested == "task" and spec.head in NO_TASK_DATA:
         raise LigoError(f"--objective task: {NO_TASK_DATA[spec.head]}; use --objective distill")
+    if requested == "task" and misfit:
+        raise LigoError(f"--objective task: {misfit}; use --objective distill (or auto), or --data that fits")
     if requested != "auto":
         return requested, f"{requested} (as asked)"
     if spec.head == "none":
         return "distill", "distill: the model has no output head, so it learns to match the source's hidden states"
     if spec.head in NO_TASK_DATA:
         return "distill", f"distill: {NO_TASK_DATA[spec.head]}, so it learns to match the source's logits"
+    if misfit:
+        return "distill", f"distill: {misfit}, so it learns to match the source's logits"
     what = {"classifier": "image/sequence classification", "mlm": "masked LM (15 % masking)", "lm": "causal LM"}
     return "task", f"task: {what[spec.head]}, the model's own head"
 

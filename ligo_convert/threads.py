@@ -4,15 +4,23 @@ torch's default is every core the machine shows, which is wrong in a container o
 (a 2-CPU quota on a 64-core host would run 64 threads on 2 CPUs).  The command line sets the count from the cores
 this process may actually use: its CPU affinity, capped by its cgroup's CPU quota.  A user's ``OMP_NUM_THREADS``
 always wins, and the library itself (``from ligo_convert import ...``) never changes the thread count.
+
+On a shared machine the cores are not all free: with other processes runnable, a team of OpenMP threads, one per
+core, waits at every barrier for its slowest member, which the scheduler has preempted; for the many small operations
+of a micro model that made the default 3-20x slower than one thread (benchmarks/results/threads.md).  So the
+default also leaves out the cores other processes keep busy when the command starts (at least one thread).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
+import time
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_STAT = Path("/proc/stat")
 
 
 def _cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
@@ -42,13 +50,42 @@ def usable_cores(root: Path = CGROUP_ROOT) -> int:
     return max(1, cores)
 
 
+def _procs_running(stat: Path) -> int | None:
+    try:
+        for line in stat.read_text().splitlines():
+            if line.startswith("procs_running "):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def busy_elsewhere(stat: Path = PROC_STAT, samples: int = 5, interval: float = 0.004) -> int:
+    """Threads of other processes runnable right now: the median of a few samples of the kernel's runnable count
+    (one sample is noisy), less this process's one running thread; 0 when unknown."""
+    counts = []
+    for i in range(samples):
+        n = _procs_running(stat)
+        if n is None:
+            return 0
+        counts.append(n)
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, math.floor(statistics.median(counts)) - 1)
+
+
+def default_threads(cores: int, busy: int) -> int:
+    """The cores left free by ``busy`` other runnable threads, at least one and at most ``cores``."""
+    return max(1, min(cores, cores - busy))
+
+
 def configure(environ=os.environ) -> int | None:
-    """Use ``usable_cores()`` threads (for a command, not for library use); returns the count, or None when the
-    user chose one with OMP_NUM_THREADS."""
+    """Use the usable cores other processes leave free (for a command, not for library use); returns the count,
+    or None when the user chose one with OMP_NUM_THREADS."""
     if environ.get("OMP_NUM_THREADS"):
         return None
     import torch
 
-    n = usable_cores()
+    n = default_threads(usable_cores(), busy_elsewhere())
     torch.set_num_threads(n)
     return n

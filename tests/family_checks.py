@@ -247,7 +247,9 @@ def growth_report(folder: Path, method: str) -> dict:
 
 
 def transformers_loss(model, folder: Path, **batches) -> float:
-    """transformers' own loss of ``model`` on the first validation batch ``data.batches`` gives for ``folder``."""
-    batch = next(data.batches(load(folder).spec, None, folder, split="val", repeat=False, **batches))
+    """transformers' own loss of ``model`` on the first validation piece (``data.VAL_CHUNK`` examples) for
+    ``folder``: what ``evaluate(..., max_batches=1)`` reads, whatever its batch size."""
+    options = {**batches, "batch_size": data.VAL_CHUNK}
+    batch = next(data.val_batches(load(folder).spec, None, folder, **options))
     with torch.no_grad():
         return model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()

@@ -186,3 +186,75 @@ def test_an_existing_out_that_is_not_this_compare_is_refused(gpt2, quick, tmp_pa
     result = invoke("compare", gpt2, *TARGET, "--quick", "--seq-len", "16", "--steps", "9", "--out", out)
     assert result.exit_code == 2 and "holds a compare with other settings" in result.output
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
+
+
+TUNED = (*TARGET, "--quick", "--steps", "16", "--warmup", "0.25", "--seq-len", "16", "--methods", "ligo,stack,scratch",
+         "--tune-schedule", "--tune-lr-factors", "0.5,2")  # warmups of 4, 1 and 1 steps; 6 schedules
+
+
+@pytest.fixture(scope="module")
+def tuned(gpt2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "tuned"
+    result = invoke("compare", gpt2, *TUNED, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_tuning_the_schedule_writes_both_tables_and_the_grid(tuned):
+    out, printed = tuned
+    md = (out / "compare.md").read_text()
+    header = "| method | FLOPs saved % | wall saved % |"
+    assert md.count(header) == 2 and printed.count(header) == 2  # scratch's schedule, then each method's tuned one
+    assert md.index("## Scratch's schedule") < md.index("## Each method's tuned schedule") < md.index("Tuning on seed")
+    results = json.loads((out / "compare.json").read_text())
+    tuning = results["tuning"]
+    grid = {(p["lr"], p["warmup"]) for p in tuning["grid"]}
+    assert len(grid) == len(tuning["grid"]) == 6 and tuning["seed"] not in results["seeds"]
+    for m in results["methods"]:  # the same grid, point for point, for every method (scratch included)
+        mine = [(r["lr"], r["warmup"]) for r in tuning["runs"] if r["method"] == m and r["seed"] == tuning["seed"]]
+        assert sorted(mine) == sorted(grid), m
+        assert tuning["knobs"][m]["tuned"] == ["warmup", "lr"]
+        assert re.search(rf"^\| {m} \| warmup, lr \|", md, re.M)  # the tuning table says what each method got
+    assert tuning["knobs"]["ligo"]["fixed"] == {"fit_lr": results["settings"]["fit_lr"],
+                                                "fit_steps": results["settings"]["fit_steps"]}
+
+
+def test_each_tuned_choice_is_the_best_of_its_grid_on_the_tuning_seed(tuned):
+    from ligo_convert.compare.accounting import savings
+
+    results = json.loads((tuned[0] / "compare.json").read_text())
+    tuning = results["tuning"]
+    runs = {m: [r for r in tuning["runs"] if r["method"] == m] for m in results["methods"]}
+    scratch = min(runs["scratch"], key=lambda r: r["curve"][-1][3])  # scratch: its lowest final loss
+    assert (tuning["chosen"]["scratch"]["lr"], tuning["chosen"]["scratch"]["warmup"]) == (scratch["lr"],
+                                                                                          scratch["warmup"])
+    for m in ("ligo", "stack"):  # the others: the most FLOPs saved against that run (ties: the lowest final loss)
+        def score(r):
+            sv = savings(r, scratch)
+            return sv.get("flops_saved", -1e9), -sv["final_loss"]
+        best = max(score(r) for r in runs[m])
+        chosen = tuning["chosen"][m]
+        assert score(next(r for r in runs[m] if (r["lr"], r["warmup"]) == (chosen["lr"], chosen["warmup"]))) == best
+        measured = [r for r in results["tuned"]["runs"] if r["method"] == m]
+        assert measured and all((r["lr"], r["warmup"]) == (chosen["lr"], chosen["warmup"]) for r in measured)
+        assert all(r["seed"] in results["seeds"] for r in measured)
+    lr_values = {p["lr"] for p in tuning["grid"]}
+    assert lr_values == {0.5 * results["settings"]["recipe"]["lr"], 2 * results["settings"]["recipe"]["lr"]}
+
+
+def test_a_tuned_compare_resumes_without_redoing_its_tuning_runs(tuned, gpt2, monkeypatch):
+    out, _ = tuned
+    before = json.loads((out / "compare.json").read_text())
+    trained = []
+    real = compare_run.run_method
+    monkeypatch.setattr(compare_run, "run_method",
+                        lambda method, *a, **k: trained.append(method) or real(method, *a, **k))
+    options = dict(layers=2, width=32, quick=True, steps=16, warmup=0.25, seq_len=16, methods="ligo,stack,scratch",
+                   tune_schedule=True, tune_lr_factors="0.5,2", out=out)
+    again = compare(gpt2, **options)
+    assert trained == [] and again.trained == []
+    assert again.results["tuning"]["chosen"] == before["tuning"]["chosen"]
+    point = before["tuning"]["grid"][0]  # one tuning run's file deleted: only that run trains again
+    (out / "runs" / f"stack-seed{before['tuning']['seed']}-lr{point['lr']:g}-warmup{point['warmup']:g}.json").unlink()
+    compare(gpt2, **options)
+    assert trained == ["stack"]

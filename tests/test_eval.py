@@ -49,9 +49,8 @@ def agree(a: dict, b: dict) -> None:
 
 def test_torch_loss_is_transformers_loss(case):
     name, model, folder = case
-    got = evaluate(folder, max_batches=1, batch_size=8, seq_len=32)
-    batch = next(data.batches(load_spec(folder), None, folder, split="val", batch_size=8, seq_len=32,
-                              repeat=False))
+    got = evaluate(folder, max_batches=1, batch_size=8, seq_len=32)  # one piece of 16 examples, in two batches
+    batch = next(data.val_batches(load_spec(folder), None, folder, batch_size=data.VAL_CHUNK, seq_len=32))
     with torch.no_grad():
         ref = model(**data.model_inputs(batch), labels=batch["labels"]).loss.item()
     assert got["loss"] == pytest.approx(ref, rel=1e-5)

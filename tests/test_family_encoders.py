@@ -28,8 +28,12 @@ CASES = {
     "DistilBertModel": ("DistilBertModel", lambda: transformers.DistilBertConfig(**DISTIL), "distilbert"),
     "DistilBertForMaskedLM": ("DistilBertForMaskedLM", lambda: transformers.DistilBertConfig(**DISTIL),
                               "distilbert"),
+    # an untied decoder: vocab_projector.weight is the model's own tensor, not a copy of the word embeddings
+    "DistilBertForMaskedLM-untied": ("DistilBertForMaskedLM",
+                                     lambda: transformers.DistilBertConfig(**DISTIL, tie_word_embeddings=False),
+                                     "distilbert"),
 }
-MLM = [c for c in CASES if c.endswith("ForMaskedLM")]
+MLM = [c for c in CASES if "ForMaskedLM" in c]
 
 # Config values transformers must read back the same from what we write (where the class has them).
 COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -132,9 +136,20 @@ def test_distilbert_drops_stored_decoder_copy(tmp_path):
     assert_same_files(old, tmp_path / "out")
 
 
-@pytest.mark.parametrize("key, value", [("sinusoidal_pos_embds", True), ("tie_word_embeddings", False)])
+def test_distilbert_untied_decoder_is_its_own_tensor(tmp_path):
+    """With tie_word_embeddings false the stored vocab_projector.weight is read as the decoder (not dropped as a tied
+    copy), differs from the word embeddings, and is written back under its own name with the switch kept."""
+    build(tmp_path, "DistilBertForMaskedLM-untied")
+    ours = load(tmp_path / "src")
+    assert not ours.spec.tie_embeddings and ours.mapping.locations["lm_head.weight"].key == "vocab_projector.weight"
+    assert not torch.equal(ours.tensors["lm_head.weight"], ours.tensors["embed.tokens"])
+    save(ours, tmp_path / "out")
+    assert_same_files(tmp_path / "src", tmp_path / "out")
+
+
+@pytest.mark.parametrize("key, value", [("sinusoidal_pos_embds", True)])
 def test_distilbert_refuses_by_config_key(tmp_path, key, value):
-    """Sinusoidal positions (and an untied decoder) are refused by name: one line, exit 2, nothing written."""
+    """Sinusoidal positions are refused by name: one line, exit 2, nothing written."""
     build(tmp_path, "DistilBertForMaskedLM")
     edit_config(tmp_path / "src", **{key: value})
     refused(tmp_path, key, leaves=["src"])

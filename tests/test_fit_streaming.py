@@ -24,7 +24,7 @@ from ligo_convert.grow import grow
 from ligo_convert.growth.fit import GrowingModel, choose_stream, fit
 from ligo_convert.growth.operator import LEARN, LigoOperator
 from ligo_convert.growth.pretrain import micro_spec
-from ligo_convert.model import Factored
+from ligo_convert.model import Chain, Factored
 from ligo_convert import objectives
 from ligo_convert.objectives import logits_of, loss_terms
 from helpers import assert_same_files, max_diff
@@ -81,8 +81,13 @@ def objective(op, spec):
 
 
 def loss_and_grads(op, spec, batch, stream):
+    return _backward(op, spec, batch, lambda: GrowingModel(op, stream)(**data_mod.model_inputs(batch)))
+
+
+def _backward(op, spec, batch, run):
+    """Loss and operator gradients of ``run()``'s outputs on ``batch``."""
     op.zero_grad(set_to_none=True)
-    out = GrowingModel(op, stream)(**data_mod.model_inputs(batch))
+    out = run()
     kind, teacher = objective(op, spec)
     total, count = loss_terms(spec, kind, out, batch, teacher(batch) if teacher else None)
     loss = total / count
@@ -103,6 +108,50 @@ def test_streamed_and_full_fitting_agree(family, spec, shared):
     assert full_grads.keys() == streamed_grads.keys() and full_grads
     for name, g in full_grads.items():
         assert max_diff(g, streamed_grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), name
+
+
+def dense_loss_and_grads(op, spec, batch):
+    """The simple path: every layer's weights formed densely (``layer_weights``), logits decoded whole."""
+    return _backward(op, spec, batch, lambda: forward(spec, op.global_weights(factored=True),
+                                                      **data_mod.model_inputs(batch), layer_weights=op.layer_weights))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared"])
+@pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
+def test_factored_layers_give_the_dense_loss_and_gradients(family, spec, shared):
+    """The fitting forward runs each grown matrix as its factors (``Chain``); loss and operator gradients equal
+    those of the dense weights."""
+    target = target_of(spec)
+    op = LigoOperator(spec, target, init_weights(spec, seed=5), shared_width=shared)
+    batch = batch_for(target)
+    factored = op.layer_factors(0)
+    assert any(isinstance(t, Chain) for t in factored.values())
+    dense_loss, dense_grads = dense_loss_and_grads(op, target, batch)
+    loss, grads = loss_and_grads(op, target, batch, stream=True)
+    assert torch.isfinite(loss) and max_diff(loss, dense_loss) <= 1e-6 * max(1.0, dense_loss.abs().item())
+    assert grads.keys() == dense_grads.keys() and grads
+    for name, g in dense_grads.items():
+        assert max_diff(g, grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), name
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 5, 3), (40, 8, 16, 64), (40, 64, 16, 8), (3, 16, 32, 64)])
+def test_every_product_order_of_a_chain_gives_the_same_rows(shape):
+    """Each of the five bracketings ``x R C^T L^T`` (and ``dense``) gives ``x @ W.T`` with W formed densely, with
+    either side not growing; ``apply`` (whatever order the cost model picks) too."""
+    n, a, b, c = shape  # rows, D1 out, D1 in, D2 (both sides)
+    g = torch.Generator().manual_seed(0)
+    left, core, right = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((c, a), (a, b), (c, b)))
+    x = torch.randn(n, max(a, b, c), generator=g, dtype=torch.float64)
+    for lft, rgt in ((left, right), (None, right), (left, None)):
+        chain = Chain(lft, core, rgt)
+        w = (lft if lft is not None else torch.eye(a, dtype=x.dtype)) @ core @ (
+            rgt if rgt is not None else torch.eye(b, dtype=x.dtype)).T
+        rows = x[:, :w.shape[1]]
+        assert chain.shape == tuple(w.shape)
+        assert max_diff(chain.dense(), w) <= 1e-10
+        for order in ("rows", "left", "right", "dense-left", "dense-right"):
+            assert max_diff(chain._product(order, rows), rows @ w.T) <= 1e-10, order
+        assert max_diff(chain.apply(rows), rows @ w.T) <= 1e-10
 
 
 @pytest.mark.parametrize("learn", LEARN)

@@ -30,6 +30,8 @@ BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_he
             max_position_embeddings=64)
 LLAMA = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=48, max_position_embeddings=64)
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=8,
+           patch_size=2, num_labels=10)
 WEIGHTS = "model.safetensors"
 GROW = ["--layers", "3", "--width", "48", "--heads", "6", "--mlp", "64", "--steps", "0"]
 LONG = "n" * 300  # longer than any common file system's 255-byte name limit
@@ -42,7 +44,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     transformers.BertForMaskedLM(transformers.BertConfig(**BERT)).save_pretrained(root / "bert")
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(root / "llama")
-    return {"bert": root / "bert", "llama": root / "llama"}
+    transformers.ViTForImageClassification(transformers.ViTConfig(**VIT)).save_pretrained(root / "vit")
+    transformers.BertForMaskedLM(transformers.BertConfig(**BERT)).save_pretrained(root / "bert-tok")
+    _word_tokenizer().save(str(root / "bert-tok" / "tokenizer.json"))
+    (root / "bert-tok" / "tokenizer_config.json").write_text(json.dumps({"mask_token": "[MASK]"}))
+    return {"bert": root / "bert", "llama": root / "llama", "vit": root / "vit", "bert-tok": root / "bert-tok"}
+
+
+def _word_tokenizer():
+    """A word-level tokenizer.json over a few Python words, below BERT's 99 ids, with [CLS] ... [SEP] around."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "def", "return", "import", "self", "if", "for", "in"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    return tok
 
 
 class Env:
@@ -430,6 +448,72 @@ EVAL_CASES = [
 ]
 
 
+def _reading(command: str, model: str, how):
+    """``command`` (eval, or a 1-step grow: both read the data with the source's tokenizer/preprocessor files) on a
+    fresh ``model`` broken by ``how``."""
+    def build(env: Env) -> list:
+        src = env.src(model)
+        how(src)
+        if command == "eval":
+            return ["eval", src, "--max-batches", "1"]
+        return ["grow", src, "--out", env.out, "--layers", "3", "--width", "48", "--heads", "6", "--mlp", "64",
+                "--steps", "1", "--batch-size", "4"]
+    return build
+
+
+PREPROCESSOR = "preprocessor_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# files a model's data is read with: (id, command, model, how, words)
+READ_WITH = [
+    ("preprocessor-a-list", "eval", "vit", write(PREPROCESSOR, "[1]"), [PREPROCESSOR, "JSON object"]),
+    ("preprocessor-not-json", "eval", "vit", write(PREPROCESSOR, "{"), [PREPROCESSOR, "not valid JSON"]),
+    ("preprocessor-mean-a-string", "eval", "vit", write(PREPROCESSOR, json.dumps(
+        {"image_mean": "0.5", "image_std": [0.5] * 3})), [PREPROCESSOR, "image_mean", "3 finite numbers"]),
+    ("preprocessor-mean-two-channels", "eval", "vit", write(PREPROCESSOR, json.dumps(
+        {"image_mean": [0.5, 0.5], "image_std": [0.5] * 3})), ["image_mean", "one per channel"]),
+    ("preprocessor-std-missing", "eval", "vit", write(PREPROCESSOR, json.dumps({"image_mean": [0.5] * 3})),
+     ["image_std", "None"]),
+    ("preprocessor-std-zero", "eval", "vit", write(PREPROCESSOR, json.dumps(
+        {"image_mean": [0.5] * 3, "image_std": [0.5, 0, 0.5]})), ["image_std", "positive"]),
+    ("preprocessor-std-nan", "eval", "vit", write(PREPROCESSOR, '{"image_mean": [0.5, 0.5, 0.5], '
+                                                                '"image_std": [NaN, 0.5, 0.5]}'), ["image_std"]),
+    ("preprocessor-dangling-link", "eval", "vit", lambda f: f.joinpath(PREPROCESSOR).symlink_to(f / "gone.json"),
+     [PREPROCESSOR, "does not exist"]),
+    ("preprocessor-a-list", "grow", "vit", write(PREPROCESSOR, "[1]"), [PREPROCESSOR, "JSON object"]),
+    ("tokenizer-config-a-list", "eval", "bert-tok", write(TOKENIZER_CONFIG, "[1]"), [TOKENIZER_CONFIG, "JSON object"]),
+    ("tokenizer-config-not-json", "eval", "bert-tok", write(TOKENIZER_CONFIG, "{"),
+     [TOKENIZER_CONFIG, "not valid JSON"]),
+    ("mask-token-a-number", "eval", "bert-tok", write(TOKENIZER_CONFIG, '{"mask_token": 4}'),
+     [TOKENIZER_CONFIG, "mask_token"]),
+    ("mask-token-content-a-list", "eval", "bert-tok", write(TOKENIZER_CONFIG, '{"mask_token": {"content": [4]}}'),
+     ["mask_token"]),
+    ("tokenizer-config-dangling-link", "eval", "bert-tok", dangling(TOKENIZER_CONFIG),
+     [TOKENIZER_CONFIG, "does not exist"]),
+    ("tokenizer-config-a-list", "grow", "bert-tok", write(TOKENIZER_CONFIG, "[1]"), [TOKENIZER_CONFIG, "object"]),
+]
+EVAL_CASES += [(f"{command}-{name}", _reading(command, model, how), words)
+               for name, command, model, how, words in READ_WITH]
+
+
+def _generating(how):
+    def build(env: Env) -> list:
+        src = env.src("llama")
+        how(src)
+        return ["generate", src, "--prompt", "def", "--max-new-tokens", "2"]
+    return build
+
+
+GENERATION_CONFIG = "generation_config.json"
+EVAL_CASES += [
+    ("generate-generation-config-a-list", _generating(write(GENERATION_CONFIG, "[1]")),
+     [GENERATION_CONFIG, "JSON object"]),
+    ("generate-eos-a-string", _generating(write(GENERATION_CONFIG, '{"eos_token_id": "2"}')),
+     [GENERATION_CONFIG, "eos_token_id"]),
+    ("generate-eos-negative", _generating(write(GENERATION_CONFIG, '{"eos_token_id": [2, -1]}')),
+     [GENERATION_CONFIG, "eos_token_id"]),
+]
+
+
 EXPORT_CASES = [
     ("export-out-exists", lambda env: ["export", env.src(), "--out", env.file("outs/m.onnx")], ["exists",
                                                                                              "--overwrite"]),
@@ -530,7 +614,7 @@ def tree(folder: Path) -> dict:
 def test_corpus_is_large_and_covers_every_command():
     commands = {build_id.split("-")[0] for build_id, _, _ in CASES}
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
-    assert commands == {"convert", "inspect", "grow", "pretrain", "export", "eval", "batch"}
+    assert commands == {"convert", "inspect", "grow", "pretrain", "export", "eval", "batch", "generate"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -40,3 +40,32 @@ def test_users_choice_wins(monkeypatch):
         assert threads.configure({}) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_are_left_out(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 4\nprocs_blocked 0\n")  # this process and 3 others
+    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 3
+    stat.write_text("cpu  1 2 3\nprocs_running 1\n")
+    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 0
+    stat.write_text("no such line\n")
+    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 0  # unknown: nothing busy
+    assert threads.busy_elsewhere(tmp_path / "missing") == 0
+    assert [threads.default_threads(2, b) for b in (0, 1, 2, 5)] == [2, 1, 1, 1]
+    assert [threads.default_threads(16, b) for b in (0, 3, 40)] == [16, 13, 1]
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda: 1)
+        assert threads.configure({}) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0)
+        assert threads.configure({}) == 2 and torch.get_num_threads() == 2
+        assert threads.configure({"OMP_NUM_THREADS": "2"}) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_median_of_samples_ignores_a_spike(tmp_path, monkeypatch):
+    counts = iter([1, 9, 1, 1, 1])  # one sample catches a burst of short-lived threads
+    monkeypatch.setattr(threads, "_procs_running", lambda stat: next(counts))
+    assert threads.busy_elsewhere(tmp_path, samples=5, interval=0) == 0

@@ -137,14 +137,14 @@ def loss_at(curve: list, flops: float) -> float:
     return curve[-1][3]
 
 
-def best_candidate(runs: list[dict], scratch: dict) -> tuple[dict, list[dict]]:
+def best_candidate(runs: list[dict], scratch: dict, value=None) -> tuple[dict, list[dict]]:
     """The tuning budget's choice among ``runs`` (one method, one candidate value each, on the tuning seed): the most
     FLOPs saved against ``scratch`` (none reached, or ties: the lowest final loss).  Returns (the chosen run, every
-    candidate's score)."""
+    candidate's score); ``value(run)``: what a candidate is (default: its ``knob``)."""
     scores = []
     for r in runs:
         sv = savings(r, scratch, None)
-        scores.append({"value": r.get("knob"), "flops_saved": sv.get("flops_saved"),
+        scores.append({"value": value(r) if value else r.get("knob"), "flops_saved": sv.get("flops_saved"),
                        "final_loss": sv.get("final_loss"), "loss_fitted": r.get("loss_fitted"),
                        "loss_init": r.get("loss_init"), "refused": sv.get("refused")})
     ok = [i for i, c in enumerate(scores) if c["final_loss"] is not None]

@@ -169,7 +169,8 @@ def run_method(method: str, small: Spec, small_w: dict, target: Spec, seed: int,
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     val = data.val(target) if val is None else val
-    out = {"seed": seed, "method": method, "knob": knob, "steps": recipe.steps}
+    out = {"seed": seed, "method": method, "knob": knob, "steps": recipe.steps, "lr": recipe.lr,
+           "warmup": recipe.warmup}
     try:
         start = make_start(method, small, small_w, target, seed, data=data, val=val, steps=recipe.steps, knob=knob,
                            fit_steps=fit_steps, ligo_recipe=ligo_recipe, objective=objective, device=device)

@@ -16,7 +16,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,7 @@ from .accounting import aggregate, mean_sd, paired, savings, steps_to_goal
 from .methods import KNOBS, METHODS, TRAIN, DataBatches, init_digest, run_method
 from .report import (PAIRED_NOTE, matched_rows, mean_curve, paired_cell, plot_panel, save_figure, savings_rows)
 from .train import Recipe, loss_of
+from .tuning import LR_FACTORS, TUNE_SEED, WARMUPS, choose_schedules, parse_lr_factors, schedule_grid
 
 DEFAULT_METHODS = ("ligo", "stack", "net2net", "lemon", "scratch")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -71,6 +72,10 @@ class CompareOptions:
     accumulate: int = 1
     fit_steps: int | None = None  # LiGO's fitting steps, counted [steps / 20]
     fit_lr: float = DEFAULT_LR  # LiGO's relative fitting rate (growth.fit)
+    # tune each method's post-growth schedule (warmup x peak lr) on tune_seed, the same grid for every method
+    tune_schedule: bool = False
+    tune_seed: int = TUNE_SEED
+    tune_lr_factors: object = LR_FACTORS  # factors of lr, or a comma-separated string
     objective: str = "auto"
     device: str = "auto"
     out: object = None
@@ -106,6 +111,8 @@ class ComparePlan:
     refused: dict[str, str]
     settings: dict
     options: CompareOptions
+    grid: list = field(default_factory=list)  # the schedules tuned on tune_seed (empty: no tuning)
+    tune_seed: int = TUNE_SEED
 
 
 @dataclass
@@ -174,6 +181,10 @@ def plan_compare(source, target: str | None, o: CompareOptions) -> ComparePlan:
                   fit_steps=(o.fit_steps, "count"), fit_lr=(o.fit_lr, "positive"), workers=(o.workers, "count"))
     if o.warmup >= 1:
         raise LigoError(f"--warmup is a fraction of the steps, below 1, not {o.warmup}")
+    factors = parse_lr_factors(o.tune_lr_factors) if o.tune_schedule else ()
+    if o.tune_schedule and (not isinstance(o.tune_seed, int) or o.tune_seed < 0 or o.tune_seed in seeds):
+        raise LigoError(f"--tune-seed {o.tune_seed} must be a whole number, 0 or more, that is not one of the "
+                        f"measured --seeds {','.join(map(str, seeds))} (its runs choose the schedules)")
     batch_size = o.batch_size or quick.get("batch_size", 16)
     val_batches = o.val_batches or quick.get("val_batches", 8)
     eval_every = o.eval_every or quick.get("eval_every", max(1, steps // 20))
@@ -208,9 +219,12 @@ def plan_compare(source, target: str | None, o: CompareOptions) -> ComparePlan:
                 "val_batches": val_batches, "fit_steps": fit_steps, "fit_lr": o.fit_lr,
                 "knobs": {m: v[1] for m, v in KNOBS.items() if m != "ligo"}, "device": device.type,
                 "ligo_convert": __version__}
+    # the tuning grid stays out of the settings: each run's file names its schedule, so turning --tune-schedule on
+    # for a finished compare trains only the tuning runs and the tuned ones
     resume = _check_out(out, settings, o.overwrite)
     return ComparePlan(src, grow_plan.source_name, spec_t, target_name, grow_plan.family, methods, seeds, recipe,
-                       fit_steps, objective, why, data, data_name, device, out, resume, refused, settings, o)
+                       fit_steps, objective, why, data, data_name, device, out, resume, refused, settings, o,
+                       schedule_grid(recipe, factors) if factors else [], o.tune_seed)
 
 
 def _check_data(src: CanonicalModel, spec_t: Spec, data: DataBatches, objective: str, seed: int, name: str) -> None:
@@ -264,7 +278,8 @@ def _dump(data) -> str:
 
 
 def run_compare(plan: ComparePlan) -> CompareResult:
-    """Train every (method, seed) run not already in ``OUT/runs/`` and write the table, JSON and PNG."""
+    """Train every (method, seed) run not already in ``OUT/runs/`` and write the table, JSON and PNG; with a tuning
+    grid, also each method's tuning runs on the tuning seed and its runs with the schedule they chose."""
     o, out = plan.options, plan.out
     runs_dir = out / RUNS
     if out.exists() and not plan.resume:  # --overwrite: the old runs and outputs go, anything else stays
@@ -278,49 +293,117 @@ def run_compare(plan: ComparePlan) -> CompareResult:
     o.say(f"compare {plan.source_name} {s.layers}x{s.width} -> {t.layers}x{t.width} ({plan.family}) on "
           f"{plan.data_name}: {', '.join(plan.methods)}; seeds {', '.join(map(str, plan.seeds))}; "
           f"{plan.recipe.steps} steps at lr {plan.recipe.lr:g}; {plan.objective_reason}"
+          + (f"; tuning each method's schedule over {len(plan.grid)} runs on seed {plan.tune_seed}" if plan.grid
+             else "")
           + ("; resuming the runs already in " + str(out) if plan.resume else ""))
     for m, why in plan.refused.items():
         o.say(f"{m}: refused ({why})")
     started = time.perf_counter()
-    small_w = plan.src.materialize(torch.float32)
-    jobs = [(m, seed) for seed in plan.seeds for m in plan.methods]
-    records, trained, resumed = {}, [], []
-    digests: dict[tuple[int, str], str] = {}
-    bar = _bar(o.progress, len(jobs), "runs", leave=True)
+    runner = _Runner(plan, plan.src.materialize(torch.float32), runs_dir)
+    tuned_count = len(plan.methods) * len(plan.seeds) if plan.grid else 0
+    runner.bar = _bar(o.progress, len(plan.methods) * (len(plan.seeds) + len(plan.grid)) + tuned_count, "runs", True)
     try:
-        for method, seed in jobs:
-            path = runs_dir / f"{method}-seed{seed}.json"
-            bar.set_description(f"{method} seed {seed}")
-            twin = None
-            if method not in plan.refused:
-                digest = init_digest(method, s, small_w, t, seed)
-                twin = digests.get((seed, digest)) if digest else None
-                if digest and twin is None:
-                    digests[seed, digest] = method
-            if path.is_file():
-                records[method, seed] = json.loads(path.read_text())
-                resumed.append((method, seed))
-                bar.update(1)
-                continue
-            if twin is not None and (twin, seed) in records:  # bit-identical start: training would repeat that run
-                record = {**records[twin, seed], "method": method, "same_init_as": twin}
-            else:
-                record = _train_one(plan, method, seed, small_w)
-                trained.append((method, seed))
-            _write(path, _dump(record))
-            records[method, seed] = record
-            bar.update(1)
-            if o.on_run is not None:
-                o.on_run(record)
+        base = [runner.run(m, seed, plan.recipe) for seed in plan.seeds for m in plan.methods]
+        tuning = _tune(plan, runner) if plan.grid else None
+        tuned = [runner.run(m, seed, _chosen_recipe(plan, tuning, m)) for seed in plan.seeds
+                 for m in plan.methods] if tuning else None
     finally:
-        bar.close()
-    results = _results(plan, [records[j] for j in jobs], time.perf_counter() - started)
+        runner.bar.close()
+    results = _results(plan, base, time.perf_counter() - started)
+    if tuning:
+        results["tuning"] = tuning
+        results["tuned"] = _summarise(plan.methods, [dict(r) for r in tuned])
     md = markdown(results)
     _write(out / "compare.json", _dump(results))
     _write(out / "compare.md", md)
     plot(results, out / "compare.png")
     o.say(f"wrote {out / 'compare.md'}, compare.json, compare.png")
-    return CompareResult(out, results, md, trained, resumed)
+    return CompareResult(out, results, md, runner.trained, runner.resumed)
+
+
+class _Runner:
+    """Runs (method, seed, recipe) once each: from ``OUT/runs/`` when saved there, as a bit-identical twin's run, or
+    trained and saved.  A run with the compare's own recipe is ``METHOD-seedN.json``; any other schedule adds its
+    peak rate and warmup to the name."""
+
+    def __init__(self, plan: ComparePlan, small_w: dict, runs_dir: Path):
+        self.plan, self.small_w, self.runs_dir = plan, small_w, runs_dir
+        self.records: dict[tuple, dict] = {}
+        self.digests: dict[tuple, str] = {}
+        self.trained: list[tuple[str, int]] = []
+        self.resumed: list[tuple[str, int]] = []
+        self.bar = None
+
+    def path(self, method: str, seed: int, recipe: Recipe) -> Path:
+        base = self.plan.recipe
+        own = (recipe.lr, recipe.warmup) == (base.lr, base.warmup)
+        tail = "" if own else f"-lr{recipe.lr:g}-warmup{recipe.warmup:g}"
+        return self.runs_dir / f"{method}-seed{seed}{tail}.json"
+
+    def run(self, method: str, seed: int, recipe: Recipe) -> dict:
+        plan, o = self.plan, self.plan.options
+        key = (method, seed, recipe.lr, recipe.warmup)
+        if key in self.records:  # e.g. a tuned schedule that is the compare's own
+            self.bar.update(1)
+            return self.records[key]
+        path = self.path(method, seed, recipe)
+        self.bar.set_description(f"{method} seed {seed}")
+        twin = None
+        if method not in plan.refused:
+            digest = init_digest(method, plan.src.spec, self.small_w, plan.target, seed)
+            twin = self.digests.get((seed, recipe.lr, recipe.warmup, digest)) if digest else None
+            if digest and twin is None:
+                self.digests[seed, recipe.lr, recipe.warmup, digest] = method
+        if path.is_file():
+            record = json.loads(path.read_text())
+            self.resumed.append((method, seed))
+        else:
+            if twin is not None and (twin, seed, recipe.lr, recipe.warmup) in self.records:
+                # a bit-identical start: training would repeat that run step for step
+                record = {**self.records[twin, seed, recipe.lr, recipe.warmup], "method": method,
+                          "same_init_as": twin}
+            else:
+                record = _train_one(plan, method, seed, self.small_w, recipe)
+                self.trained.append((method, seed))
+            _write(path, _dump(record))
+            if o.on_run is not None:
+                o.on_run(record)
+        record.setdefault("lr", recipe.lr)  # runs saved before records named their schedule
+        record.setdefault("warmup", recipe.warmup)
+        self.records[key] = record
+        self.bar.update(1)
+        return record
+
+
+def _tune(plan: ComparePlan, runner: _Runner) -> dict:
+    """Every method's runs over the grid on the tuning seed, and the schedule each chose (tuning.choose_schedules)."""
+    runs = {m: [runner.run(m, plan.tune_seed, point.recipe(plan.recipe)) for point in plan.grid]
+            for m in plan.methods}
+    chosen = choose_schedules(runs)
+    for m, c in chosen.items():
+        if "refused" not in c:
+            point = next(p for p in plan.grid if (p.lr, p.warmup) == (c["lr"], c["warmup"]))
+            c["name"] = point.name
+            plan.options.say(f"{m}: tuned schedule {point.name} (lr {c['lr']:g}, warmup {c['warmup']:g})")
+    return {"seed": plan.tune_seed, "lr_factors": sorted({p.lr_factor for p in plan.grid}),
+            "warmups": {name: w for name, w in WARMUPS}, "grid": [p.to_dict() for p in plan.grid],
+            "knobs": {m: _knobs_of(m, plan) for m in plan.methods}, "chosen": chosen,
+            "runs": [r for m in plan.methods for r in runs[m]]}
+
+
+def _knobs_of(method: str, plan: ComparePlan) -> dict:
+    """What the tuning budget varied for ``method`` and what it kept fixed."""
+    fixed = {}
+    if method == "ligo":
+        fixed = {"fit_lr": plan.options.fit_lr, "fit_steps": plan.fit_steps}
+    elif method in KNOBS:
+        fixed = {KNOBS[method][0]: KNOBS[method][1]}
+    return {"tuned": ["warmup", "lr"], "fixed": fixed}
+
+
+def _chosen_recipe(plan: ComparePlan, tuning: dict, method: str) -> Recipe:
+    c = tuning["chosen"][method]
+    return plan.recipe if "refused" in c else replace(plan.recipe, lr=c["lr"], warmup=c["warmup"])
 
 
 def _bar(enabled: bool, total: int, desc: str, leave: bool):
@@ -330,9 +413,9 @@ def _bar(enabled: bool, total: int, desc: str, leave: bool):
                 disable=None if enabled else True)
 
 
-def _train_one(plan: ComparePlan, method: str, seed: int, small_w: dict) -> dict:
+def _train_one(plan: ComparePlan, method: str, seed: int, small_w: dict, recipe: Recipe) -> dict:
     o = plan.options
-    bar = _bar(o.progress, plan.recipe.steps, f"{method} seed {seed}", leave=False)
+    bar = _bar(o.progress, recipe.steps, f"{method} seed {seed}", leave=False)
 
     def on_step(step, loss):
         bar.update(1)
@@ -340,19 +423,21 @@ def _train_one(plan: ComparePlan, method: str, seed: int, small_w: dict) -> dict
 
     try:
         knob = o.fit_lr if method == "ligo" else None
-        return run_method(method, plan.src.spec, small_w, plan.target, seed, data=plan.data, recipe=plan.recipe,
+        return run_method(method, plan.src.spec, small_w, plan.target, seed, data=plan.data, recipe=recipe,
                           knob=knob, fit_steps=plan.fit_steps, ligo_recipe={"objective": plan.objective},
                           objective=plan.objective, device=plan.device, on_step=on_step)
     finally:
         bar.close()
 
 
-def _results(plan: ComparePlan, runs: list[dict], wall: float) -> dict:
+def _summarise(methods, runs: list[dict]) -> dict:
+    """Savings of ``runs`` against scratch's run on the same seed (set on each run), per method and LiGO against
+    each method seed by seed."""
     for r in runs:
         scratch = next(x for x in runs if x["seed"] == r["seed"] and x["method"] == "scratch")
         r["savings"] = savings(r, scratch)
     summary, against = {}, {}
-    for m in plan.methods:
+    for m in methods:
         mine = [r for r in runs if r["method"] == m]
         if any("refused" in r for r in mine):
             summary[m] = {"refused": mine[0]["refused"]}
@@ -363,17 +448,23 @@ def _results(plan: ComparePlan, runs: list[dict], wall: float) -> dict:
                       "seeds": len(sv), "final_loss": mean_sd([x["final_loss"] for x in sv], 4)}
     ligo = [r for r in runs if r["method"] == "ligo"]
     if ligo and "refused" not in ligo[0]:
-        for m in plan.methods:
+        for m in methods:
             theirs = [r for r in runs if r["method"] == m]
             if m != "ligo" and not any("refused" in r for r in theirs):
                 against[m] = paired([r["savings"] for r in ligo], [r["savings"] for r in theirs])
+    return {"summary": summary, "ligo_against": against, "runs": runs}
+
+
+def _results(plan: ComparePlan, runs: list[dict], wall: float) -> dict:
+    base = _summarise(plan.methods, runs)
     s, t = plan.src.spec, plan.target
     return {"source": plan.settings["source"], "source_spec": _sizes(s), "target": plan.target_name,
             "target_spec": _sizes(t), "family": plan.family, "data": plan.data_name,
             "objective": plan.objective, "methods": list(plan.methods), "seeds": list(plan.seeds),
-            "settings": plan.settings, "summary": summary, "ligo_against": against, "runs": runs,
-            "wall_s": wall, "versions": {"ligo_convert": __version__, "torch": torch.__version__,
-                                         "python": platform.python_version(), "machine": platform.machine()}}
+            "settings": plan.settings, "summary": base["summary"], "ligo_against": base["ligo_against"],
+            "runs": runs, "wall_s": wall, "versions": {"ligo_convert": __version__, "torch": torch.__version__,
+                                                       "python": platform.python_version(),
+                                                       "machine": platform.machine()}}
 
 
 def _sizes(spec: Spec) -> dict:
@@ -398,7 +489,9 @@ def markdown(results: dict) -> str:
            f"same AdamW (lr {r['lr']:g}, weight decay {r['weight_decay']:g}), warmup ({r['warmup']:.0%}) + cosine "
            f"schedule, clipping {r['clip']:g}, batches of {st['batch_size']}"
            + (f" x {r['accumulate']} accumulated" if r["accumulate"] > 1 else "")
-           + f", evaluated every {r['eval_every']} steps on {st['val_batches']} held-out batches.", "",
+           + f", evaluated every {r['eval_every']} steps on {st['val_batches']} held-out batches"
+           + ("; then again with each method's own peak lr and warmup, tuned over the same grid (below)."
+              if "tuned" in results else "."), "",
            "Saved against `scratch` on the same seed: FLOPs (forward + backward matrix products, LiGO's fitting "
            "steps and any teacher's forwards counted) and training wall time until the validation loss first "
            "reaches scratch's final validation loss (interpolated between evaluations). A seed that never reaches "
@@ -408,14 +501,36 @@ def markdown(results: dict) -> str:
 
 
 def tables(results: dict) -> list[str]:
-    """The tables of compare.md (what the command prints): savings, LiGO against each method, matched FLOPs."""
-    st, runs, methods = results["settings"], results["runs"], results["methods"]
-    groups = [(m, _label(m, st), [x for x in runs if x["method"] == m]) for m in methods]
+    """The tables of compare.md (what the command prints): savings, LiGO against each method, matched FLOPs; with
+    tuning, once with scratch's schedule and once with each method's tuned schedule, then the tuning itself."""
+    st, methods = results["settings"], results["methods"]
+    base = _tables(methods, results["runs"], lambda m: _label(m, st))
+    if "tuned" not in results:
+        return base + [""]
+    tuning, r = results["tuning"], st["recipe"]
+    chosen = tuning["chosen"]
+    lr_factors = ", ".join(f"{f:g}" for f in tuning["lr_factors"])
+    warmups = " / ".join(f"{name} ({w * r['warmup']:.2%})" for name, w in tuning["warmups"].items())
+    return (["## Scratch's schedule", "",
+             f"Every method trains with scratch's schedule: peak lr {r['lr']:g}, warmup {r['warmup']:.0%}.", ""]
+            + base
+            + ["", "## Each method's tuned schedule", "",
+               f"Each method trains with the schedule it chose on tuning seed {tuning['seed']} (never measured) out of "
+               f"the same {len(tuning['grid'])} runs: peak lr x {{{lr_factors}}} of {r['lr']:g}, times warmup "
+               f"{warmups} of the steps. Scratch keeps the schedule with the lowest final validation loss — its "
+               "final loss on each seed is the goal below; every other method the one that reaches scratch's "
+               "tuned final loss with the fewest FLOPs (none does: the lowest final loss).", ""]
+            + _tables(methods, results["tuned"]["runs"], lambda m: _tuned_label(m, chosen))
+            + [""] + tuning_table(results) + [""])
+
+
+def _tables(methods, runs: list[dict], label) -> list[str]:
+    groups = [(m, label(m), [x for x in runs if x["method"] == m]) for m in methods]
     out = savings_rows(groups)
-    if "ligo" in methods and results["ligo_against"]:
+    ligo = [x for x in runs if x["method"] == "ligo"]
+    if "ligo" in methods and not any("refused" in x for x in ligo) and len(methods) > 1:
         out += ["", "LiGO against each method, seed by seed (FLOPs saved): " + PAIRED_NOTE + ":", "",
                 "| LiGO against | seeds ahead–behind, sign test, mean difference |", "|---|---|"]
-        ligo = [x for x in runs if x["method"] == "ligo"]
         for m in methods:
             if m != "ligo":
                 out.append(f"| {m} | {paired_cell(ligo, [x for x in runs if x['method'] == m])} |")
@@ -428,7 +543,39 @@ def tables(results: dict) -> list[str]:
     for m, like in sorted({(x["method"], x["same_init_as"]) for x in runs if "same_init_as" in x}):
         out.append(f"\n{m} starts from tensors bit-identical to {like}'s, so its rows are {like}'s runs (training is "
                    "deterministic; not run twice).")
-    return out + [""]
+    return out
+
+
+def _tuned_label(method: str, chosen: dict) -> str:
+    c = chosen[method]
+    return method if "refused" in c else f"{method} ({c['name']})"
+
+
+def tuning_table(results: dict) -> list[str]:
+    """The tuning runs: per method, the knobs it got and kept, and each grid point's FLOPs saved against scratch's
+    tuned run / final loss (the chosen one in bold)."""
+    tuning = results["tuning"]
+    grid = tuning["grid"]
+    out = [f"Tuning on seed {tuning['seed']}: each method's knobs and every grid point's FLOPs saved against "
+           "scratch's tuned run / final validation loss (n.r.: scratch's tuned final loss not reached; chosen in "
+           "bold):", "",
+           "| method | tuned | kept fixed | " + " | ".join(p["name"] for p in grid) + " |",
+           "|---|---|---|" + "---|" * len(grid)]
+    for m in results["methods"]:
+        c, knobs = tuning["chosen"][m], tuning["knobs"][m]
+        fixed = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                          for k, v in knobs["fixed"].items()) or "–"
+        if "refused" in c:
+            out.append(f"| {m} | refused | {fixed} | " + " | ".join("–" for _ in grid) + " |")
+            continue
+        cells = []
+        for x in c["candidates"]:
+            cell = ((f"{x['flops_saved']:.1f} %" if x["flops_saved"] is not None else "n.r.")
+                    + (f" / {x['final_loss']:.3f}" if x["final_loss"] is not None else ""))
+            cells.append(f"**{cell}**" if (x["value"]["lr"], x["value"]["warmup"]) == (c["lr"], c["warmup"])
+                         else cell)
+        out.append(f"| {m} | {', '.join(knobs['tuned'])} | {fixed} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -438,17 +585,22 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, methods = results["runs"], tuple(results["methods"])
-    lines, goal = [], None
-    for m in methods:
-        mine = [r for r in runs if r["method"] == m and "curve" in r]
-        if mine:
-            lines.append((m, *mean_curve(mine)))
-            if m == "scratch":
-                goal = statistics.mean(r["curve"][-1][3] for r in mine)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    methods = tuple(results["methods"])
+    panels = [("", results["runs"])]
+    if "tuned" in results:
+        panels = [(", scratch's schedule", results["runs"]), (", each method's tuned schedule",
+                                                              results["tuned"]["runs"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.5), squeeze=False)
     s, t = results["source_spec"], results["target_spec"]
-    twins = {r["method"]: f"{r['method']} (= {r['same_init_as']})" for r in runs if "same_init_as" in r}
-    plot_panel(ax, lines, METHODS, goal, f"{results['source']}: {s['layers']}x{s['width']} -> "
-               f"{t['layers']}x{t['width']}, mean of {len(results['seeds'])} seed(s)", labels=twins)
+    for ax, (what, runs) in zip(axes[0], panels):
+        lines, goal = [], None
+        for m in methods:
+            mine = [r for r in runs if r["method"] == m and "curve" in r]
+            if mine:
+                lines.append((m, *mean_curve(mine)))
+                if m == "scratch":
+                    goal = statistics.mean(r["curve"][-1][3] for r in mine)
+        twins = {r["method"]: f"{r['method']} (= {r['same_init_as']})" for r in runs if "same_init_as" in r}
+        plot_panel(ax, lines, METHODS, goal, f"{results['source']}: {s['layers']}x{s['width']} -> "
+                   f"{t['layers']}x{t['width']}, mean of {len(results['seeds'])} seed(s){what}", labels=twins)
     save_figure(fig, path, dpi=100)

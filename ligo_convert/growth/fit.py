@@ -2,7 +2,9 @@
 the large model, and takes the objective's loss; only the operator learns (AdamW, gradient clipping).
 
 The large model is made a layer at a time, inside the forward (:class:`GrowingModel`): each block asks the operator
-for its weights when it runs, and the vocabulary tables stay factored.  With ``stream`` every block also runs under
+for its weights when it runs, as factors (``LigoOperator.layer_factors``: each grown matrix a ``model.Chain`` that the
+block's inputs run through in the cheapest order, the dense weight formed only where that costs fewer FLOPs), and the
+vocabulary tables stay factored.  With ``stream`` every block also runs under
 non-reentrant activation checkpointing, so the backward makes its weights and activations again instead of keeping
 them: peak memory is then the source + the operator and its optimizer state + about one target layer + the
 activations at layer boundaries.  Both modes run the same arithmetic in the same order (the recomputation repeats the
@@ -68,7 +70,7 @@ class GrowingModel(torch.nn.Module):
 
     def forward(self, **inputs) -> dict:
         op = self.operator
-        return forward(op.target, op.global_weights(factored=True), **inputs, layer_weights=op.layer_weights,
+        return forward(op.target, op.global_weights(factored=True), **inputs, layer_weights=op.layer_factors,
                        checkpoint=self.stream, attention=self.attention, lazy_logits=True)
 
     def forward_many(self, batches: list[dict]) -> list[dict]:

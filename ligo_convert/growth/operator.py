@@ -13,7 +13,10 @@ count is unchanged.  M = L_depth R_width is never formed: each target tensor cos
 
 The operator makes the target a layer at a time (``layer_weights(i)``), so the fitting forward can produce each layer
 when it runs and, under activation checkpointing, again in the backward; writing reads one tensor at a time through
-``grown()``.  Per-layer parts (that layer's width matrices and depth-mixing rows) live in ``layer_ops[i]``.
+``grown()``.  The fitting forward takes a layer as factors instead (``layer_factors(i)``: B_out, the depth-mixed
+source matrix, B_in), and ``model.linear`` applies them to its input rows in the order with the fewest FLOPs for
+the batch: at 4 x 128 tokens that is the rows through the three factors, at 16 x 128 and more the rows through B_in
+and then through ``B_out W`` (the grown matrix has rank <= the source width, so this is cheaper than the dense one).  Per-layer parts (that layer's width matrices and depth-mixing rows) live in ``layer_ops[i]``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from ..errors import LigoError
 from ..files import spec_from_metadata
-from ..model import Factored
+from ..model import Chain, Factored
 from ..spec import CANONICAL, PER_LAYER_SPACES, Spec, module_of, pattern_of, space_kind
 from . import init as inits
 
@@ -101,6 +104,15 @@ class LayerOperator(torch.nn.Module):
 
     def forward(self, make: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> dict[str, Tensor]:
         return make({**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))})
+
+
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 manages ``module`` (``fully_shard`` gives it an FSDPModule class)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _register(module: torch.nn.Module, key: str, value: Tensor, trainable: bool) -> None:
@@ -294,13 +306,35 @@ class LigoOperator(torch.nn.Module):
 
         return self.layer_ops[layer](make)  # one call per layer: FSDP gathers this layer's operator for it
 
-    def _layer_tensor(self, layer: int, module: str, own: Mapping[str, Tensor]) -> Tensor:
+    def layer_factors(self, layer: int) -> dict[str, Tensor | Chain]:
+        """Target layer ``layer``'s tensors for the fitting forward: each matrix that grows as a :class:`Chain`
+        (B_out, depth-mixed source matrix, B_in) that ``model.linear`` runs its input through in the cheapest order,
+        never forming the dense weight where that costs more; vectors (biases, norms) made as in ``layer_weights``.
+        Mixing the L1 source matrices first and expanding once is what both forms share."""
+        sharded = _is_fsdp(self.layer_ops[layer])
+
+        def make(own):
+            out = {}
+            for module in self.module_types:
+                t = self._layer_tensor(layer, module, own, factored=True)
+                if sharded and isinstance(t, Chain):  # FSDP frees the gathered matrices when this call returns
+                    t = Chain(*(m.clone() if m is not None else None for m in t))
+                out[f"layers.{layer}.{module}"] = t
+            return out
+
+        return self.layer_ops[layer](make)
+
+    def _layer_tensor(self, layer: int, module: str, own: Mapping[str, Tensor], factored: bool = False
+                      ) -> Tensor | Chain:
         stack = self._source(module)  # (L1, ...)
-        if self.depth_grows:
+        if self.depth_grows:  # mixed in source space, before any expansion (L1 small matrices, not L2 large ones)
             mixed = torch.tensordot(own[self._key("depth", module)].to(stack.dtype), stack, dims=1)
         else:
             mixed = stack[layer]
-        return expand(mixed, [self._matrix(space_kind(tag), own) for tag in CANONICAL["layers.{i}." + module]])
+        mats = [self._matrix(space_kind(tag), own) for tag in CANONICAL["layers.{i}." + module]]
+        if factored and mixed.dim() == 2 and any(m is not None for m in mats):
+            return Chain(mats[0], mixed, mats[1])
+        return expand(mixed, mats)
 
     def tensor(self, name: str) -> Tensor:
         """One canonical tensor of the target."""
