@@ -226,7 +226,7 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
         prefix = arch.prefix if arch else descriptor.prefixes[0]
     layout = descriptor.file_layout(spec.tensor_names(), prefix, arch)
     planned = [_plan(model, key, entries, dtype) for key, entries in layout.items()]
-    if same_family and model.mapping is not None and model.reader is not None and _unchanged(model):
+    if same_family and model.mapping is not None and model.reader is not None and unchanged(model):
         # buffers and tied copies the source stored (position_ids, decoder.weight...): carry them byte for byte
         for key in model.mapping.dropped:
             src_dtype = model.reader.dtype(key)
@@ -285,7 +285,7 @@ def measure_eps_change(model: CanonicalModel, changed: Spec, batch: int = 4, seq
                       f"seed 0"}
 
 
-def _unchanged(model: CanonicalModel) -> bool:
+def unchanged(model: CanonicalModel) -> bool:
     """True when the model is still exactly what was read (no growth), so the source's extra keys still fit."""
     return isinstance(model.tensors, LazyTensors)
 

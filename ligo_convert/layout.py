@@ -103,10 +103,10 @@ def export_hub(model_or_folder, out_dir, *, fp16: bool = False, int8: bool = Fal
 def model_config(model: CanonicalModel, source: Path | None) -> dict:
     """The model's config.json: the source folder's own while the model is what was read from it, else written by
     its family's descriptor (keeping the keys of the config it was read with)."""
-    from .canonical import _unchanged
+    from .canonical import unchanged
     from .files import read_json_object
 
-    if source is not None and (source / "config.json").is_file() and _unchanged(model):
+    if source is not None and (source / "config.json").is_file() and unchanged(model):
         return read_json_object(source / "config.json")
     descriptor = get_descriptor(model.family)
     return descriptor.write_config(model.spec, model.config or None, model.dtype)
