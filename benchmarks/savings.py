@@ -32,6 +32,7 @@ at the rate it does best with; results/savings_lr_check.md).
 
     python benchmarks/savings.py                      # default: 28 min on 2 cores
     python benchmarks/savings.py --quick --out /tmp/q  # pipeline smoke test, < 1 min
+    # each finished run is kept in OUT/runs/ (--cache): the same command again resumes where it stopped
     python benchmarks/savings.py --seeds 3,4,5,6,7 --out /tmp/more   # more seeds, then merged with the default's:
     python benchmarks/savings.py --render benchmarks/results/savings.json --merge /tmp/more/savings.json \
         --out benchmarks/results/savings-8seeds
@@ -295,13 +296,62 @@ def _same_inits(jobs: list[dict]) -> dict[int, int]:
     return twins
 
 
-def _run_all(fn, jobs: list[dict], workers: int) -> list[dict]:
+RUN_CACHE: list[Path] = []  # main() puts --cache (default OUT/runs) here: finished runs, one JSON file each
+# what a run's result depends on besides the job's own fields (seeds, jobs and the method list only pick the runs)
+_NOT_IN_KEY = ("jobs", "seeds", "methods", "tune_schedule", "tune_lr_factors", "tune_seed")
+
+
+def job_key(job: dict, code: dict) -> str:
+    """A run's cache name: every field its result depends on (the proxy, the settings that shape a run, seed,
+    method, knob, schedule, steps) and the growth/trainer code's fingerprint; the small model's weights follow
+    from the proxy and seed (pretraining is deterministic)."""
+    import hashlib
+
+    fields = {k: v for k, v in job.items() if k != "small_weights"}
+    fields["proxy"] = asdict(job["proxy"])
+    fields["settings"] = {k: v for k, v in asdict(job["settings"]).items() if k not in _NOT_IN_KEY}
+    fields["code"] = code
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return f"{job['proxy'].name}-{job['method']}-s{job['seed']}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _as_json(record: dict) -> dict:
+    return json.loads(json.dumps(record, default=float))  # cached and fresh runs alike: lists, not tuples
+
+
+def _cached_runs(jobs: list[dict], workers: int) -> list[dict]:
+    """method_job over ``jobs``, reading finished runs from the cache and writing each new one as it finishes, so
+    an interrupted benchmark resumes where it stopped."""
+    folder = RUN_CACHE[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    code = versions()["growth_code_sha256"]
+    paths = [folder / f"{job_key(j, code)}.json" for j in jobs]
+    results = {i: json.loads(path.read_text()) for i, path in enumerate(paths) if path.exists()}
+    todo = [i for i in range(len(jobs)) if i not in results]
+    if results:
+        print(f"  {len(results)} of {len(jobs)} runs read from {folder}", flush=True)
+    for i, record in zip(todo, _map(method_job, [jobs[i] for i in todo], workers)):
+        results[i] = _as_json(record)
+        tmp = paths[i].with_suffix(".partial")
+        tmp.write_text(json.dumps(results[i]) + "\n")
+        tmp.replace(paths[i])  # atomic: a killed run leaves no half-written record
+    return [results[i] for i in range(len(jobs))]
+
+
+def _map(fn, jobs: list[dict], workers: int):
     if workers <= 1:
-        return [fn(j) for j in jobs]
+        yield from (fn(j) for j in jobs)
+        return
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(fn, jobs))
+        yield from pool.map(fn, jobs)  # in order, each as soon as it and those before it are done
+
+
+def _run_all(fn, jobs: list[dict], workers: int) -> list[dict]:
+    if fn is method_job and RUN_CACHE:
+        return _cached_runs(jobs, workers)
+    return list(_map(fn, jobs, workers))
 
 
 def run_benchmark(proxies: list[Proxy], s: Settings, log=print) -> dict:
@@ -654,6 +704,8 @@ def main(argv=None) -> int:
                         "report both schedules")
     parser.add_argument("--tune-lr-factors", default=None, help="with --tune-schedule: peak rates tried, as factors "
                         "of the proxy's (default: " + ",".join(f"{f:g}" for f in LR_FACTORS) + ")")
+    parser.add_argument("--cache", type=Path, default=None, help="folder of finished runs, one JSON each, read "
+                        "back by a rerun with the same settings and code (default: OUT/runs; 'none' to keep none)")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite savings.md/.png from a savings.json "
                         "this script wrote (no training)")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
@@ -689,6 +741,8 @@ def main(argv=None) -> int:
     if args.quick:
         proxies = [quick_proxy(p) for p in proxies]
     torch.set_num_threads(1)
+    if str(args.cache) != "none":
+        RUN_CACHE[:] = [args.cache or args.out / "runs"]
     before = versions()
     results = run_benchmark(proxies, s, log=lambda m: print(m, flush=True))
     results["versions"] = versions()

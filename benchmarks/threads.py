@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HOG = "import torch\na = torch.randn(384, 384)\nwhile True:\n    a = torch.tanh(a @ a)\n"
+HOG = "import torch\na = torch.randn(384, 384)\nprint('ready', flush=True)\nwhile True:\n    a = torch.tanh(a @ a)\n"
 
 
 def _env(one_thread: bool) -> dict:
@@ -44,8 +44,11 @@ def _timed(cmd: list[str], one_thread: bool, cwd: Path) -> float:
 def _start_hogs(n: int) -> list[subprocess.Popen]:
     # each hog uses torch's own default (every core): the contention a shared node sees
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG], env=env) for _ in range(n)]
-    time.sleep(3.0)  # past their torch import, into the matrix products
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(n)]
+    for h in hogs:  # past their torch import (seconds on a loaded machine), into the matrix products
+        h.stdout.readline()
+    time.sleep(1.0)
     return hogs
 
 

@@ -209,7 +209,7 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
     spec = model.spec
     reason = descriptor.supports(spec)
     if reason:
-        changed = _with_family_eps(descriptor, spec)
+        changed = with_family_eps(descriptor, spec)
         if changed is None:
             raise LigoError(f"cannot write this model as {descriptor.name}: {reason}")
         if not allow_eps_change:
@@ -254,9 +254,9 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
 CONVERSION_FILE = "conversion.json"  # what a conversion changed beyond the layout (a norm epsilon) and its effect
 
 
-def _with_family_eps(descriptor, spec: Spec) -> Spec | None:
+def with_family_eps(descriptor, spec: Spec) -> Spec | None:
     """``spec`` with the norm epsilon ``descriptor`` fixes, when that epsilon is all that keeps the family from
-    holding the model; else None."""
+    holding the model; else None (also used by ``grow --allow-eps-change``)."""
     wanted = descriptor.spec_constants.get("norm_eps")
     if wanted is None or spec.norm_eps == wanted:
         return None

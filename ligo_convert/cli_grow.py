@@ -42,6 +42,8 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
 @target_sizes
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: <target>-from-<src>-ligo].")
 @click.option("--to", "to", metavar="FAMILY", help="Write in this family's layout [default: DST's, else SRC's].")
+@click.option("--allow-eps-change", is_flag=True, help="Let a --to family that fixes the norm epsilon (timm-vit: "
+              "1e-6) write the grown model with its own; the output difference is measured into conversion.json.")
 @click.option("--data", type=click.Path(), help="Image folder (class subfolders), text file or folder of .txt "
               "[default: embedded digits / standard-library source].")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="auto", show_default=True,
@@ -83,7 +85,7 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
 @click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder [default: 'text' or the "
               "only string column].")
 @click.option("--json", "as_json", is_flag=True, help="Print growth.json (with the ONNX report under 'onnx').")
-def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, objective, steps, lr, batch_size,
+def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, allow_eps_change, data, objective, steps, lr, batch_size,
                  seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
                  dtype, overwrite, method, init_method, materialize, parallel, workers, text_column, onnx_export,
                  layout, as_json):
@@ -105,7 +107,7 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, data, o
                   dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite,
                   log=lambda msg: click.echo(msg, err=as_json) if world()[0] == 0 else None, progress=True,
                   method=method, init=init_method, materialize=materialize, parallel=parallel, workers=workers,
-                  text_column=text_column)
+                  text_column=text_column, allow_eps_change=allow_eps_change)
     if result.out is None:  # ranks other than 0 write nothing
         return
     onnx_report = None

@@ -49,6 +49,7 @@ from .canonical import CanonicalModel, load
 from .errors import LigoError
 from .model import empty_cache, forward, forward_cached, positions_of
 from .spec import Spec
+from .threads import session_threads
 
 # 20, not the exporter's floor of 18: opset 20 has a Gelu op, so GELU is one node (which onnxruntime fuses with
 # the preceding bias into BiasGelu) instead of five elementwise ones; same values, validated on every export.
@@ -421,6 +422,7 @@ def _session(path: Path, provider: str):
     ort = _runtime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = session_threads()
     return ort.InferenceSession(str(path), opts, providers=[provider])
 
 

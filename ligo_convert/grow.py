@@ -28,7 +28,7 @@ import torch
 
 from . import __version__, options
 from . import data as data_mod
-from .canonical import CanonicalModel, from_tensors, load, save
+from .canonical import CONVERSION_FILE, CanonicalModel, from_tensors, load, save, with_family_eps
 from .checkpoint import check_sentence_transformer_width, read_config, resolve_source
 from .descriptors import Descriptor, detect_family, get_descriptor
 from .errors import LigoError
@@ -136,10 +136,17 @@ def target_spec(source: Spec, sizes: dict | None = None, layers: int | None = No
                           kv_heads=new_kv, mlp=sizes.get("mlp") or scaled(source.mlp, "mlp"))
 
 
-def check_family(spec: Spec, source: Spec, family: str) -> Descriptor:
-    """The output family must hold the grown model, and its config must express the head layout."""
+def check_family(spec: Spec, source: Spec, family: str, allow_eps_change: bool = False) -> float | None:
+    """The output family must hold the grown model, and its config must express the head layout.  Returns the
+    norm epsilon the family will write instead of the model's (``allow_eps_change``), else None."""
     descriptor = get_descriptor(family)
     reason = descriptor.supports(spec)
+    changed = with_family_eps(descriptor, spec) if reason else None
+    if changed is not None:
+        if not allow_eps_change:
+            raise LigoError(f"cannot grow into family {family}: {reason}; pass --allow-eps-change to write it with "
+                            f"norm_eps={changed.norm_eps:g} and record the output difference")
+        reason = None
     if reason:
         raise LigoError(f"the source cannot be mapped to family {family}: {reason}; grow into the source's own "
                         f"family or choose a target of a family that can hold it")
@@ -147,7 +154,7 @@ def check_family(spec: Spec, source: Spec, family: str) -> Descriptor:
         raise LigoError(f"family {family} derives head_dim from width / heads, so {spec.heads} heads on a width of "
                         f"{spec.width} would change head_dim from {source.head_dim}; use --heads "
                         f"{spec.width // source.head_dim}")
-    return descriptor
+    return changed.norm_eps if changed is not None else None
 
 
 # --- growing: resolve and plan -> initialise -> fit -> write ---------------------------------------------------------
@@ -181,6 +188,7 @@ class GrowOptions:
     save_operator: object = None
     eval_batches: int = data_mod.VAL_PIECES
     overwrite: bool = False
+    allow_eps_change: bool = False  # a --to family that fixes the norm epsilon may take the grown model with its own
     write: bool = True
     dtype: torch.dtype | None = None
     log: Callable[[str], None] | None = None
@@ -255,7 +263,8 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
          save_operator: str | os.PathLike | None = None, eval_batches: int = data_mod.VAL_PIECES, overwrite: bool = False,
          write: bool = True, dtype: torch.dtype | None = None, log: Callable[[str], None] | None = None,
          progress: bool = False, method: str = "ligo", init: str | None = None, materialize: str = "auto",
-         parallel: str = "ddp", workers: int | None = None, text_column: str | None = None) -> GrowResult:
+         parallel: str = "ddp", workers: int | None = None, text_column: str | None = None,
+         allow_eps_change: bool = False) -> GrowResult:
     """Grow ``source`` (a checkpoint folder, zoo name, hub id or :class:`CanonicalModel`) with LiGO.
 
     Fits the operator for ``steps`` steps (0: keep the initial operator; ``operator``: apply a saved one without
@@ -264,7 +273,9 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
     fitting); ``init`` starts the LiGO operator from one of those methods' expansions.  ``materialize``: ``layers``
     makes the target a layer at a time under activation checkpointing, ``full`` keeps every layer for the backward,
     ``auto`` streams large targets (both give the same result).  ``parallel``: ``ddp`` or ``fsdp`` under torchrun.
-    ``workers``/``text_column`` go to the data loader.  Every user error raises :class:`LigoError` before anything
+    ``workers``/``text_column`` go to the data loader.  ``allow_eps_change``: an output family that fixes the norm
+    epsilon (timm's ViT) takes the model with its own; fitting and validation use the model's, and the output
+    difference the change causes is measured into conversion.json.  Every user error raises :class:`LigoError` before anything
     is written; the source is never touched.
     """
     options = GrowOptions(**{k: v for k, v in locals().items() if k not in ("source", "target")})
@@ -290,7 +301,7 @@ def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
     spec_t = target_spec(src.spec, sizes, **explicit)
     check_growable(src.spec, spec_t)
     out_family = o.family or target_family or src.family
-    check_family(spec_t, src.spec, out_family)
+    check_family(spec_t, src.spec, out_family, o.allow_eps_change)
     if src.source is not None:  # a sentence-transformers folder keeps its modules: each must follow the width
         check_sentence_transformer_width(src.source, src.spec.width, spec_t.width)
     _check_options(o)
@@ -509,10 +520,15 @@ def write_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> GrowResul
     if world()[0] == 0:
         report["wall_s"] = round(time.perf_counter() - plan.started, 3)
         if o.write:
-            model = from_tensors(plan.spec, grown, family=plan.family, config=plan.src.config,
+            # the family it came from: save() starts from the source's config only when it writes that family
+            model = from_tensors(plan.spec, grown, family=plan.src.family, config=plan.src.config,
                                  source=plan.src.source)
+            eps = check_family(plan.spec, plan.src.spec, plan.family, o.allow_eps_change)
+            if eps is not None:  # fitted and validated with the model's own epsilon; the file gets the family's
+                report["norm_eps_written"] = {"from": plan.spec.norm_eps, "to": eps, "effect": CONVERSION_FILE}
             written = save(model, plan.out, family=plan.family, overwrite=o.overwrite,
-                           extra_files={"growth.json": json.dumps(report, indent=2) + "\n"})
+                           extra_files={"growth.json": json.dumps(report, indent=2) + "\n"},
+                           allow_eps_change=o.allow_eps_change)
             o.say(f"wrote {written}")
     return GrowResult(written, plan.spec, plan.family, grown, report, growth.operator)
 

@@ -79,8 +79,10 @@ def _lm_pairs(spec: Spec, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
     return logits[keep], labels[keep]
 
 
-# Rows of vocabulary logits decoded at once by the chunked loss: about 32 MB of fp32 logits per chunk.
-DECODE_CHUNK_ELEMENTS = 1 << 23
+# Rows of vocabulary logits decoded at once by the chunked loss: 8 MB of fp32 logits per chunk.  The backward of a
+# chunk holds about four such buffers (recomputed logits, log-softmax, their gradients): at 32 MB a chunk that was
+# 130 MB, most of a shared-width fit's step memory over its floor (benchmarks/results/fit_scale.md).
+DECODE_CHUNK_ELEMENTS = 1 << 21
 
 
 def logits_of(outputs: dict) -> Tensor:

@@ -8,7 +8,8 @@ always wins, and the library itself (``from ligo_convert import ...``) never cha
 On a shared machine the cores are not all free: with other processes runnable, a team of OpenMP threads, one per
 core, waits at every barrier for its slowest member, which the scheduler has preempted; for the many small operations
 of a micro model that made the default 3-20x slower than one thread (benchmarks/results/threads.md).  So the
-default also leaves out the cores other processes keep busy when the command starts (at least one thread).
+default also leaves out the cores other processes keep busy when the command starts (at least one thread), and
+onnxruntime sessions the tool opens use the same count (``session_threads``).
 """
 
 from __future__ import annotations
@@ -60,18 +61,51 @@ def _procs_running(stat: Path) -> int | None:
     return None
 
 
-def busy_elsewhere(stat: Path = PROC_STAT, samples: int = 5, interval: float = 0.004) -> int:
-    """Threads of other processes runnable right now: the median of a few samples of the kernel's runnable count
-    (one sample is noisy), less this process's one running thread; 0 when unknown."""
+def _cpu_times(stat: Path, cpus: set[int]) -> tuple[int, int] | None:
+    """(all, idle) clock ticks so far summed over ``cpus`` (the per-CPU lines of /proc/stat), or None."""
+    total = idle = 0
+    seen = False
+    try:
+        for line in stat.read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(x) for x in fields[:8]]
+                total += sum(ticks)
+                idle += ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+                seen = True
+    except (OSError, ValueError, IndexError):
+        return None
+    return (total, idle) if seen else None
+
+
+def _my_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def busy_elsewhere(stat: Path = PROC_STAT, samples: int = 6, interval: float = 0.01) -> int:
+    """Cores other processes keep busy right now, by two readings over a short window (~50 ms) while this process
+    sleeps: the median of the kernel's runnable count less this process's one thread, and the busy time of the CPUs
+    this process may use (a multi-threaded job parks its threads between parallel regions, so the runnable count
+    alone can miss it; the busy time can miss a job that just woke).  The larger of the two; 0 when unknown."""
+    cpus = _my_cpus()
+    first = _cpu_times(stat, cpus)
     counts = []
     for i in range(samples):
         n = _procs_running(stat)
-        if n is None:
-            return 0
-        counts.append(n)
+        if n is not None:
+            counts.append(n)
         if i + 1 < samples:
             time.sleep(interval)
-    return max(0, math.floor(statistics.median(counts)) - 1)
+    last = _cpu_times(stat, cpus)
+    runnable = max(0, math.floor(statistics.median(counts)) - 1) if counts else 0
+    busy_time = 0
+    if first and last and last[0] > first[0]:
+        busy_cpus = len(cpus) * (1 - (last[1] - first[1]) / (last[0] - first[0]))
+        busy_time = max(0, round(busy_cpus))  # a core more than half busy counts as taken
+    return max(runnable, busy_time)
 
 
 def default_threads(cores: int, busy: int) -> int:
@@ -89,3 +123,12 @@ def configure(environ=os.environ) -> int | None:
     n = default_threads(usable_cores(), busy_elsewhere())
     torch.set_num_threads(n)
     return n
+
+
+def session_threads() -> int:
+    """Threads for an onnxruntime session the tool opens: torch's count (what ``configure`` chose for a command,
+    the caller's own setting for library use), since onnxruntime's default (every physical core, spinning between
+    runs) collapses on a shared machine the same way."""
+    import torch
+
+    return max(1, torch.get_num_threads())

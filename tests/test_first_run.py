@@ -49,6 +49,22 @@ def test_eps_change_is_measured_and_recorded(vit3, tmp_path):
     assert report["max_abs_diff"] == pytest.approx(float((a - b).abs().max()), rel=1e-4, abs=1e-7)
 
 
+def test_grow_into_a_family_with_another_eps_needs_the_flag(vit3, tmp_path):
+    args = ["grow", str(vit3), "--to", "timm-vit", "--layers", "3", "--width", "64", "--steps", "1",
+            "--out", str(tmp_path / "g")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "--allow-eps-change" in refused.output and "1e-12" in refused.output
+    assert not (tmp_path / "g").exists()
+    result = CliRunner().invoke(main, args + ["--allow-eps-change"])
+    assert result.exit_code == 0, result.output
+    grown = load(tmp_path / "g")
+    assert grown.family == "timm-vit" and grown.spec.norm_eps == 1e-6 and grown.spec.layers == 3
+    written = json.loads((tmp_path / "g" / "growth.json").read_text())["norm_eps_written"]
+    assert written == {"from": 1e-12, "to": 1e-6, "effect": "conversion.json"}
+    change = json.loads((tmp_path / "g" / "conversion.json").read_text())
+    assert change["norm_eps"] == {"from": 1e-12, "to": 1e-6} and change["max_abs_diff"] > 0
+
+
 def test_auto_distills_when_the_classes_do_not_fit(vit3):
     spec = load(vit3).spec
     misfit = head_misfit(spec, None)  # the embedded digits: 10 classes

@@ -69,3 +69,46 @@ def test_median_of_samples_ignores_a_spike(tmp_path, monkeypatch):
     counts = iter([1, 9, 1, 1, 1])  # one sample catches a burst of short-lived threads
     monkeypatch.setattr(threads, "_procs_running", lambda stat: next(counts))
     assert threads.busy_elsewhere(tmp_path, samples=5, interval=0) == 0
+
+
+def _stat(busy_ticks: int, idle_ticks: int, running: int = 1) -> str:
+    # two CPUs (0 and 1), the busy and idle ticks split evenly, and the runnable count
+    lines = [f"cpu{c} {busy_ticks // 2} 0 0 {idle_ticks // 2} 0 0 0 0 0 0" for c in (0, 1)]
+    return "cpu  0 0 0 0\n" + "\n".join(lines) + f"\nprocs_running {running}\n"
+
+
+def test_busy_time_counts_a_job_whose_threads_are_parked(tmp_path, monkeypatch):
+    # the runnable count says nobody else (its threads parked at the samples), the CPUs' busy time says two cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    stat = tmp_path / "stat"
+    readings = iter([_stat(100, 100), _stat(200, 102)])  # 100 busy ticks of 102 over the window
+    original = threads._cpu_times
+    monkeypatch.setattr(threads, "_cpu_times", lambda path, cpus: original(_write(stat, next(readings)), cpus))
+    monkeypatch.setattr(threads, "_procs_running", lambda path: 1)
+    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 2
+    readings = iter([_stat(100, 100), _stat(110, 190)])  # about 10 % busy: no core taken
+    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 0
+    readings = iter([_stat(100, 100), _stat(160, 140)])  # 60 % of two cores: one taken
+    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 1
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_only_the_cpus_this_process_may_use_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    stat = tmp_path / "stat"
+    stat.write_text("cpu0 90 0 0 10 0 0 0 0\ncpu1 10 0 0 90 0 0 0 0\n")
+    assert threads._cpu_times(stat, {1}) == (100, 90)
+    assert threads._cpu_times(stat, {5}) is None
+
+
+def test_onnxruntime_sessions_follow_torchs_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert threads.session_threads() == 1
+    finally:
+        torch.set_num_threads(before)
