@@ -85,8 +85,8 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
 @click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder [default: 'text' or the "
               "only string column].")
 @click.option("--json", "as_json", is_flag=True, help="Print growth.json (with the ONNX report under 'onnx').")
-def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, allow_eps_change, data, objective, steps, lr, batch_size,
-                 seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
+def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, allow_eps_change, data, objective, steps,
+                 lr, batch_size, seq_len, seed, device, depth_init, width_init, noise, shared_width, learn, operator, save_operator,
                  dtype, overwrite, method, init_method, materialize, parallel, workers, text_column, onnx_export,
                  layout, as_json):
     """Grow SRC into a larger model DST with LiGO and write it in DST's family layout.

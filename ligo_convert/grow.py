@@ -226,6 +226,7 @@ class GrowPlan:
     out: Path | None
     stream: bool
     options: GrowOptions
+    written_eps: float | None = None  # --allow-eps-change: the family's norm epsilon the file gets instead
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -275,8 +276,8 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
     ``auto`` streams large targets (both give the same result).  ``parallel``: ``ddp`` or ``fsdp`` under torchrun.
     ``workers``/``text_column`` go to the data loader.  ``allow_eps_change``: an output family that fixes the norm
     epsilon (timm's ViT) takes the model with its own; fitting and validation use the model's, and the output
-    difference the change causes is measured into conversion.json.  Every user error raises :class:`LigoError` before anything
-    is written; the source is never touched.
+    difference the change causes is measured into conversion.json.  Every user error raises :class:`LigoError`
+    before anything is written; the source is never touched.
     """
     options = GrowOptions(**{k: v for k, v in locals().items() if k not in ("source", "target")})
     plan = plan_growth(source, target, options)
@@ -301,7 +302,7 @@ def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
     spec_t = target_spec(src.spec, sizes, **explicit)
     check_growable(src.spec, spec_t)
     out_family = o.family or target_family or src.family
-    check_family(spec_t, src.spec, out_family, o.allow_eps_change)
+    written_eps = check_family(spec_t, src.spec, out_family, o.allow_eps_change)
     if src.source is not None:  # a sentence-transformers folder keeps its modules: each must follow the width
         check_sentence_transformer_width(src.source, src.spec.width, spec_t.width)
     _check_options(o)
@@ -312,7 +313,7 @@ def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
     _check_outputs(out if o.write else None, o, src.source)
     stream = choose_stream(spec_t, o.materialize)
     return GrowPlan(src, _name_of(source), target, spec_t, out_family, method_info,
-                    Path(out) if out is not None else None, stream, o)
+                    Path(out) if out is not None else None, stream, o, written_eps)
 
 
 def _check_outputs(out, o: GrowOptions, source: Path | None) -> None:
@@ -523,9 +524,9 @@ def write_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> GrowResul
             # the family it came from: save() starts from the source's config only when it writes that family
             model = from_tensors(plan.spec, grown, family=plan.src.family, config=plan.src.config,
                                  source=plan.src.source)
-            eps = check_family(plan.spec, plan.src.spec, plan.family, o.allow_eps_change)
-            if eps is not None:  # fitted and validated with the model's own epsilon; the file gets the family's
-                report["norm_eps_written"] = {"from": plan.spec.norm_eps, "to": eps, "effect": CONVERSION_FILE}
+            if plan.written_eps is not None:  # fitted and validated with the model's own epsilon; the file: the family's
+                report["norm_eps_written"] = {"from": plan.spec.norm_eps, "to": plan.written_eps,
+                                              "effect": CONVERSION_FILE}
             written = save(model, plan.out, family=plan.family, overwrite=o.overwrite,
                            extra_files={"growth.json": json.dumps(report, indent=2) + "\n"},
                            allow_eps_change=o.allow_eps_change)

@@ -39,12 +39,17 @@ def _cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
         return None
 
 
+def _my_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity mask; every CPU where that is unknown)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 def usable_cores(root: Path = CGROUP_ROOT) -> int:
     """The cores this process may run on: its affinity mask, capped by the cgroup's CPU quota (at least 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = len(_my_cpus())
     quota = _cgroup_quota(root)
     if quota is not None:
         cores = min(cores, max(1, math.floor(quota)))
@@ -76,13 +81,6 @@ def _cpu_times(stat: Path, cpus: set[int]) -> tuple[int, int] | None:
     except (OSError, ValueError, IndexError):
         return None
     return (total, idle) if seen else None
-
-
-def _my_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return set(range(os.cpu_count() or 1))
 
 
 def busy_elsewhere(stat: Path = PROC_STAT, samples: int = 6, interval: float = 0.01) -> int:

@@ -71,30 +71,16 @@ def test_median_of_samples_ignores_a_spike(tmp_path, monkeypatch):
     assert threads.busy_elsewhere(tmp_path, samples=5, interval=0) == 0
 
 
-def _stat(busy_ticks: int, idle_ticks: int, running: int = 1) -> str:
-    # two CPUs (0 and 1), the busy and idle ticks split evenly, and the runnable count
-    lines = [f"cpu{c} {busy_ticks // 2} 0 0 {idle_ticks // 2} 0 0 0 0 0 0" for c in (0, 1)]
-    return "cpu  0 0 0 0\n" + "\n".join(lines) + f"\nprocs_running {running}\n"
-
-
-def test_busy_time_counts_a_job_whose_threads_are_parked(tmp_path, monkeypatch):
-    # the runnable count says nobody else (its threads parked at the samples), the CPUs' busy time says two cores
+def test_busy_time_counts_a_job_whose_threads_are_parked(monkeypatch):
+    # the runnable count says nobody else (its threads parked at the samples), the CPUs' busy time says otherwise
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    stat = tmp_path / "stat"
-    readings = iter([_stat(100, 100), _stat(200, 102)])  # 100 busy ticks of 102 over the window
-    original = threads._cpu_times
-    monkeypatch.setattr(threads, "_cpu_times", lambda path, cpus: original(_write(stat, next(readings)), cpus))
     monkeypatch.setattr(threads, "_procs_running", lambda path: 1)
-    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 2
-    readings = iter([_stat(100, 100), _stat(110, 190)])  # about 10 % busy: no core taken
-    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 0
-    readings = iter([_stat(100, 100), _stat(160, 140)])  # 60 % of two cores: one taken
-    assert threads.busy_elsewhere(stat, samples=3, interval=0) == 1
-
-
-def _write(path, text):
-    path.write_text(text)
-    return path
+    for (before, after), busy in ((((200, 100), (302, 102)), 2),  # 100 busy ticks of 102 on two CPUs
+                                  (((200, 100), (300, 190)), 0),  # 10 % of two cores: none taken
+                                  (((200, 100), (300, 140)), 1)):  # 60 % of two cores: one taken
+        readings = iter([before, after])  # (all, idle) ticks at the start and the end of the window
+        monkeypatch.setattr(threads, "_cpu_times", lambda path, cpus: next(readings))
+        assert threads.busy_elsewhere(samples=3, interval=0) == busy
 
 
 def test_only_the_cpus_this_process_may_use_count(tmp_path, monkeypatch):
@@ -105,10 +91,23 @@ def test_only_the_cpus_this_process_may_use_count(tmp_path, monkeypatch):
     assert threads._cpu_times(stat, {5}) is None
 
 
-def test_onnxruntime_sessions_follow_torchs_count():
+def test_onnxruntime_sessions_follow_torchs_count(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ligo_convert.export import _session
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert threads.session_threads() == 1
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert threads.session_threads() == n
+            session = _session(path, "CPUExecutionProvider")  # the sessions validation, eval and generate open
+            assert session.get_session_options().intra_op_num_threads == n
     finally:
         torch.set_num_threads(before)
