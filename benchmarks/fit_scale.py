@@ -253,9 +253,10 @@ def memory_rows(size: dict, folder: Path, cases: list[str], threads: int) -> tup
     return rows, baseline
 
 
-def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = False, cpu_clock: bool = False) -> dict:
+def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = False, cpu_clock: bool = False,
+                shared: bool = False) -> dict:
     """One fitting step / one plain training step of the first target size at ``batch_size`` x seq tokens, streamed
-    and full (per-layer width); ``dense_too``: also the earlier path with dense layer weights; ``cpu_clock``: this
+    and full (per-layer width, or ``shared`` width); ``dense_too``: also the earlier path with dense layer weights; ``cpu_clock``: this
     process's CPU time instead of wall time (robust on a loaded machine with 1 thread)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -265,7 +266,7 @@ def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = Fal
     ids = torch.randint(3, source.vocab_size, (batch_size, size["seq"]), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     inputs = data_mod.model_inputs(batch)
-    op = LigoOperator(source, target, init_weights(source, seed=0))
+    op = LigoOperator(source, target, init_weights(source, seed=0), shared_width=shared)
     op_opt = torch.optim.AdamW(op.param_groups(1e-2), eps=1e-6)
     plain = {k: v.requires_grad_(True) for k, v in init_weights(target, seed=1).items()}
     plain_opt = torch.optim.AdamW(plain.values(), lr=1e-4, eps=1e-6)
@@ -309,7 +310,8 @@ def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = Fal
             **{f"{k}_range": (min(v), max(v)) for k, v in ratios.items()},
             "pairs": size["pairs"], "target": f"{target.layers}x{target.width}",
             "target_params": target.parameter_count(), "operator": op.operator_parameter_count(),
-            "batch": batch_size, "seq": size["seq"], "clock": "cpu" if cpu_clock else "wall", "threads": threads}
+            "batch": batch_size, "seq": size["seq"], "width": VARIANTS[shared],
+            "clock": "cpu" if cpu_clock else "wall", "threads": threads}
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -354,7 +356,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def step_line(s: dict) -> str:
-    return (f"fitting step / plain step ({s['target']}, batch {s['batch']} x {s['seq']}, per-layer operator, median "
+    return (f"fitting step / plain step ({s['target']}, batch {s['batch']} x {s['seq']}, {s.get('width', 'per-layer')} operator, median "
             f"of {s['pairs']} pairs): streamed {s['streamed_ratio']:.2f} ({s['streamed_s']:.2f} s vs "
             f"{s['plain_s']:.2f} s; pairs {s['streamed_range'][0]:.2f}-{s['streamed_range'][1]:.2f}), full "
             f"{s['full_ratio']:.2f} ({s['full_s']:.2f} s; pairs {s['full_range'][0]:.2f}-{s['full_range'][1]:.2f}); "
@@ -428,7 +430,7 @@ def step_markdown(steps: list[dict], title: str = "## One fitting step / one pla
     s0 = steps[0]
     md = [title, "",
           f"The {s0['target']} target ({s0['target_params']:,} parameters), causal LM loss on random tokens; LiGO: "
-          f"`GrowingModel(op, stream)` with the per-layer operator ({s0['operator']:,} parameters), `task_terms`, "
+          f"`GrowingModel(op, stream)` with the {s0.get('width', 'per-layer')} operator ({s0['operator']:,} parameters), `task_terms`, "
           f"backward, AdamW on the operator; plain: `forward(target, weights)`, the same loss, backward, AdamW on the "
           f"weights. One process, each LiGO step right after a plain step, median of {s0['pairs']} pair ratios after "
           f"a warm-up round; {s0.get('threads', 2)} thread(s), {s0.get('clock', 'wall')} time.", "",
@@ -457,6 +459,8 @@ def main() -> None:
                         "[default: 4; 2 quick]; the sequence length stays 128 (32 quick)")
     parser.add_argument("--dense-too", action="store_true", help="step-ratio: also time the path with dense layer "
                         "weights (before layer factors), side by side")
+    parser.add_argument("--step-width", choices=VARIANTS, default="per-layer", help="step-ratio: the operator's "
+                        "width variant [default: per-layer]")
     parser.add_argument("--cpu-clock", action="store_true", help="step-ratio: time by this process's CPU time "
                         "(use with --threads 1 on a loaded machine)")
     parser.add_argument("--markdown", type=Path, help="write the results (with this command at the top) here")
@@ -488,7 +492,7 @@ def main() -> None:
         print("one fitting step vs one plain training step:", flush=True)
         batches = [int(b) for b in (args.step_batches or str(size["batch"])).split(",") if b]
         for b in batches:
-            steps.append(step_ratios(size, threads, b, args.dense_too, args.cpu_clock))
+            steps.append(step_ratios(size, threads, b, args.dense_too, args.cpu_clock, args.step_width == "shared"))
             print(step_line(steps[-1]), flush=True)
     wall = time.perf_counter() - start
     print(f"total {wall:.0f} s")

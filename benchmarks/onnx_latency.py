@@ -34,7 +34,8 @@ import onnxruntime as ort
 import torch
 
 from ligo_convert import Spec, __version__, from_tensors, init_weights
-from ligo_convert.export import DEFAULT_OPSET, export_onnx, input_names, output_names
+from ligo_convert.export import (CPU_DISABLED_FUSIONS, DEFAULT_OPSET, export_onnx, input_names,
+                                 output_names)
 from ligo_convert.model import forward
 
 TARGET = 0.8
@@ -344,8 +345,12 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def ort_call(path, threads: int, feed: dict):
-    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+def ort_call(path, threads: int, feed: dict, fusions_off: bool = False):
+    """A call of ``path``'s session on ``feed``; ``fusions_off``: without the fusions ``export.CPU_DISABLED_FUSIONS``
+    (what ligo-convert's own single-threaded CPU sessions leave out; anyone can pass the same
+    ``disabled_optimizers``)."""
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"],
+                                   **({"disabled_optimizers": list(CPU_DISABLED_FUSIONS)} if fusions_off else {}))
     wanted = {i.name for i in session.get_inputs()}
     feed = {k: v for k, v in feed.items() if k in wanted}
     for i in session.get_inputs():  # a cache graph (ours or optimum's) with an empty past: the prefill
@@ -355,6 +360,12 @@ def ort_call(path, threads: int, feed: dict):
             if i.name == "position_ids":
                 feed[i.name] = np.arange(feed["input_ids"].shape[1])[None].astype(np.int64)
     return lambda: session.run(None, feed)
+
+
+def both_settings(fns: dict, ours: Path, theirs: Path, threads: int, x: dict) -> dict:
+    """``fns`` plus both files' sessions with onnxruntime's default fusions and without the slow CPU ones."""
+    return fns | {"ours": ort_call(ours, threads, x), "optimum": ort_call(theirs, threads, x),
+                  "ours_off": ort_call(ours, threads, x, True), "optimum_off": ort_call(theirs, threads, x, True)}
 
 
 def vs_optimum(args, tmp: Path) -> dict:
@@ -393,17 +404,19 @@ def vs_optimum(args, tmp: Path) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             with torch.no_grad():
-                t = interleaved({"torch": eager, "ours": ort_call(ours_path, threads, x),
-                                 "optimum": ort_call(Path(job["out"]) / "model.onnx", threads, x)}, args.repeats)
+                t = interleaved(both_settings({"torch": eager}, ours_path, Path(job["out"]) / "model.onnx",
+                                              threads, x), args.repeats)
                 res["latency"].append((label, threads, t))
                 print(f"{label} {threads} thread(s): torch {t['torch'] * 1e3:.1f} ms, ours {t['ours'] * 1e3:.1f} ms,"
-                      f" optimum {t['optimum'] * 1e3:.1f} ms", flush=True)
+                      f" optimum {t['optimum'] * 1e3:.1f} ms; fusions off: ours {t['ours_off'] * 1e3:.1f} ms, optimum "
+                      f"{t['optimum_off'] * 1e3:.1f} ms", flush=True)
                 if family == "hf-bert":
-                    q = interleaved({"torch": eager, "ours": ort_call(q_ours, threads, x),
-                                     "optimum": ort_call(theirs["int8"], threads, x)}, args.repeats)
+                    q = interleaved(both_settings({"torch": eager}, q_ours, theirs["int8"], threads, x),
+                                    args.repeats)
                     res["int8"].append((label, threads, q))
                     print(f"{label} int8 {threads} thread(s): ours {q['ours'] * 1e3:.1f} ms, optimum "
-                          f"{q['optimum'] * 1e3:.1f} ms", flush=True)
+                          f"{q['optimum'] * 1e3:.1f} ms; fusions off: ours {q['ours_off'] * 1e3:.1f} ms, optimum "
+                          f"{q['optimum_off'] * 1e3:.1f} ms", flush=True)
         if family == "hf-gpt2":
             import transformers
 
@@ -413,8 +426,12 @@ def vs_optimum(args, tmp: Path) -> dict:
                 torch.set_num_threads(threads)
                 step = onnx_step(ort.InferenceSession(str(ours_path), session_options(threads),
                                                       providers=["CPUExecutionProvider"]), m.spec)
+                step_off = onnx_step(ort.InferenceSession(str(ours_path), session_options(threads),
+                                                          providers=["CPUExecutionProvider"],
+                                                          disabled_optimizers=list(CPU_DISABLED_FUSIONS)), m.spec)
                 with torch.no_grad():
                     t = interleaved({"ours": lambda: greedy(step, job["prompt"], NEW_TOKENS, set()),
+                                     "ours_off": lambda: greedy(step_off, job["prompt"], NEW_TOKENS, set()),
                                      "transformers": lambda: hf.generate(
                                          prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                                          min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
@@ -422,7 +439,8 @@ def vs_optimum(args, tmp: Path) -> dict:
                 tok = {k: NEW_TOKENS / v for k, v in t.items()} | {"optimum": theirs["tok_s"][str(threads)]}
                 res["generation"].append((label, threads, tok))
                 print(f"{label} generation {threads} thread(s): ours {tok['ours']:.1f} tok/s, transformers "
-                      f"{tok['transformers']:.1f}, optimum {tok['optimum']:.1f}", flush=True)
+                      f"{tok['transformers']:.1f}, optimum {tok['optimum']:.1f}; ours fusions off {tok['ours_off']:.1f}",
+                      flush=True)
         del m, weights
     return res
 
@@ -442,25 +460,35 @@ def write_vs_optimum(args, res: dict) -> None:
              f"the same thread count, calls interleaved, {args.repeats} timed calls each after a warm-up; medians. "
              "optimum's files come from `optimum-cli export onnx` of the same folder; its int8 file from its "
              "ORTQuantizer (dynamic, per channel); its generation runs in its own environment (not interleaved).", "",
-             "| model | threads | torch eager (ms) | ours (ms) | optimum's (ms) | ours ÷ optimum's (≤ 1.0) | "
-             "ours ÷ torch (≤ 0.8) | optimum's ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Each file runs twice: with onnxruntime's default fusions, and with `disabled_optimizers="
+             f"{list(CPU_DISABLED_FUSIONS)}` (\"off\"; what ligo-convert's own sessions do on one CPU thread).", "",
+             "| model | threads | torch eager (ms) | ours (ms) | optimum's (ms) | ours off (ms) | optimum's off (ms) | "
+             "ours ÷ optimum's (≤ 1.0) | off: ours ÷ optimum's | ours ÷ torch (≤ 0.8) | ours off ÷ torch | "
+             "optimum's ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, threads, t in res["latency"]:
         lines.append(f"| {label} | {threads} | {t['torch'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
-                     f"{t['optimum'] * 1e3:.1f} | {t['ours'] / t['optimum']:.2f} | {t['ours'] / t['torch']:.2f} | "
+                     f"{t['optimum'] * 1e3:.1f} | {t['ours_off'] * 1e3:.1f} | {t['optimum_off'] * 1e3:.1f} | "
+                     f"{t['ours'] / t['optimum']:.2f} | {t['ours_off'] / t['optimum_off']:.2f} | "
+                     f"{t['ours'] / t['torch']:.2f} | {t['ours_off'] / t['torch']:.2f} | "
                      f"{t['optimum'] / t['torch']:.2f} |")
     lines += ["", "int8 (onnxruntime dynamic quantisation), batch 1, seq 128:", "",
-              "| model | threads | ours int8 (ms) | optimum's int8 (ms) | ours ÷ optimum's (≤ 1.0) | "
-              "ours ÷ torch fp32 (≤ 0.35 at 1 thread) |", "|---|---:|---:|---:|---:|---:|"]
+              "| model | threads | ours int8 (ms) | optimum's int8 (ms) | ours off | optimum's off | "
+              "ours ÷ optimum's (≤ 1.0) | off: ours ÷ optimum's | ours ÷ torch fp32 (≤ 0.35 at 1 thread) | "
+              "ours off ÷ torch fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, threads, q in res["int8"]:
         lines.append(f"| {label} | {threads} | {q['ours'] * 1e3:.1f} | {q['optimum'] * 1e3:.1f} | "
-                     f"{q['ours'] / q['optimum']:.2f} | {q['ours'] / q['torch']:.2f} |")
+                     f"{q['ours_off'] * 1e3:.1f} | {q['optimum_off'] * 1e3:.1f} | {q['ours'] / q['optimum']:.2f} | "
+                     f"{q['ours_off'] / q['optimum_off']:.2f} | {q['ours'] / q['torch']:.2f} | "
+                     f"{q['ours_off'] / q['torch']:.2f} |")
     lines += ["", f"Generation, {NEW_TOKENS} new tokens after a {PROMPT}-token prompt, batch 1, greedy, with a "
               "key/value cache (ours: the exported cache graph through `ligo_convert.generate`'s loop):", "",
-              "| model | threads | ours (tok/s) | transformers generate (tok/s) | optimum (tok/s) | "
-              "ours ÷ transformers (≥ 1.2) | ours ÷ optimum (≥ 1.0) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | threads | ours (tok/s) | ours off (tok/s) | transformers generate (tok/s) | optimum (tok/s) | "
+              "ours ÷ transformers (≥ 1.2) | ours ÷ optimum (≥ 1.0) | ours off ÷ optimum |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, threads, g in res["generation"]:
-        lines.append(f"| {label} | {threads} | {g['ours']:.1f} | {g['transformers']:.1f} | {g['optimum']:.1f} | "
-                     f"{g['ours'] / g['transformers']:.2f} | {g['ours'] / g['optimum']:.2f} |")
+        lines.append(f"| {label} | {threads} | {g['ours']:.1f} | {g['ours_off']:.1f} | {g['transformers']:.1f} | "
+                     f"{g['optimum']:.1f} | {g['ours'] / g['transformers']:.2f} | {g['ours'] / g['optimum']:.2f} | "
+                     f"{g['ours_off'] / g['optimum']:.2f} |")
     lines += ["", f"Export wall time ({max(args.threads)} threads; validation included on both sides):", "",
               "| model | ours (s) | of which trace + write (s) | optimum-cli (s) | ours ÷ optimum's (≤ 1.0) |",
               "|---|---:|---:|---:|---:|"]

@@ -397,7 +397,8 @@ def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False)
         with _quiet():
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                                         input_names=input_names(spec, cache), output_names=output_names(spec, cache),
-                                        dynamic_shapes=dynamic, verbose=False)
+                                        dynamic_shapes=dynamic, verbose=False, optimize=False)
+            tidy(program.model)
         if cache:  # name the mask's length for what it is
             import onnx_ir as ir
 
@@ -411,6 +412,24 @@ def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False)
         raise LigoError(f"the ONNX exporter cannot take this model ({cause[:300]})") from None
 
 
+def tidy(model) -> None:
+    """The onnxscript optimizer that ``torch.onnx.export(optimize=True)`` runs, less its pattern rewriter: inline,
+    fold constants, drop what is unused, lift constants to initializers, deduplicate, common subexpressions.  The
+    rewriter took ~20 % of a BERT-base export and gave onnxruntime nothing it does not do itself at session start
+    (same outputs bit for bit, same latency: ``benchmarks/onnx_latency.py --vs-optimum``)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants_ir
+
+    common.InlinePass()(model)
+    fold_constants_ir(model)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass())(model)
+
+
 def _write(program, out: Path, meta: dict[str, str], data_name: str | None) -> None:
     import onnx_ir as ir
 
@@ -418,12 +437,27 @@ def _write(program, out: Path, meta: dict[str, str], data_name: str | None) -> N
     ir.save(program.model, out, external_data=data_name)
 
 
+# onnxruntime's graph fusions that make single-threaded CPU inference slower (onnxruntime 1.32): SkipLayerNormFusion
+# turns each residual Add + LayerNormalization into a SkipLayerNormalization, whose CPU kernel on one thread is slower
+# than the two ops; without it BERT-base-, GPT-2-small- and ViT-B-sized files ran 8-21 % faster on 1 thread, but 3-15 %
+# slower on 2 (`python benchmarks/onnx_latency.py --vs-optimum`, results/onnx_vs_optimum.md).  Other providers and
+# thread counts keep every fusion.
+CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
+
+
+def session_kwargs(provider: str, threads: int) -> dict:
+    """What our own sessions pass to ``onnxruntime.InferenceSession`` beside the options."""
+    if provider == "CPUExecutionProvider" and threads == 1:
+        return {"disabled_optimizers": list(CPU_DISABLED_FUSIONS)}
+    return {}
+
+
 def _session(path: Path, provider: str):
     ort = _runtime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = session_threads()
-    return ort.InferenceSession(str(path), opts, providers=[provider])
+    opts.intra_op_num_threads = threads = session_threads()
+    return ort.InferenceSession(str(path), opts, providers=[provider], **session_kwargs(provider, threads))
 
 
 def validate(path, model: CanonicalModel, atol: float, reference: dict[str, torch.Tensor] | None = None,

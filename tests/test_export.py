@@ -438,3 +438,10 @@ def test_linears_are_gemm_with_bias_and_gelu_is_one_op(tmp_path):
         else:
             assert ops.count("Erf") == spec.layers
     assert ex.DEFAULT_OPSET >= 20  # the default has the Gelu op
+
+
+def test_single_threaded_cpu_sessions_leave_out_the_slow_fusion():
+    # SkipLayerNormFusion is slower than the ops it fuses on one CPU thread, faster on more (results/onnx_vs_optimum.md)
+    assert ex.session_kwargs("CPUExecutionProvider", 1) == {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    assert ex.session_kwargs("CPUExecutionProvider", 2) == {}
+    assert ex.session_kwargs("CUDAExecutionProvider", 1) == {}
