@@ -256,8 +256,8 @@ def memory_rows(size: dict, folder: Path, cases: list[str], threads: int) -> tup
 def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = False, cpu_clock: bool = False,
                 shared: bool = False) -> dict:
     """One fitting step / one plain training step of the first target size at ``batch_size`` x seq tokens, streamed
-    and full (per-layer width, or ``shared`` width); ``dense_too``: also the earlier path with dense layer weights; ``cpu_clock``: this
-    process's CPU time instead of wall time (robust on a loaded machine with 1 thread)."""
+    and full (per-layer width, or ``shared`` width); ``dense_too``: also the earlier path with dense layer weights;
+    ``cpu_clock``: this process's CPU time instead of wall time (robust on a loaded machine with 1 thread)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     source = source_spec(size)
@@ -356,8 +356,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def step_line(s: dict) -> str:
-    return (f"fitting step / plain step ({s['target']}, batch {s['batch']} x {s['seq']}, {s.get('width', 'per-layer')} operator, median "
-            f"of {s['pairs']} pairs): streamed {s['streamed_ratio']:.2f} ({s['streamed_s']:.2f} s vs "
+    return (f"fitting step / plain step ({s['target']}, batch {s['batch']} x {s['seq']}, "
+            f"{s.get('width', 'per-layer')} operator, median of {s['pairs']} pairs): streamed {s['streamed_ratio']:.2f} ({s['streamed_s']:.2f} s vs "
             f"{s['plain_s']:.2f} s; pairs {s['streamed_range'][0]:.2f}-{s['streamed_range'][1]:.2f}), full "
             f"{s['full_ratio']:.2f} ({s['full_s']:.2f} s; pairs {s['full_range'][0]:.2f}-{s['full_range'][1]:.2f}); "
             f"target <= {TARGET_STEP} streamed: {'pass' if s['streamed_ratio'] <= TARGET_STEP else 'FAIL'}"
@@ -430,7 +430,8 @@ def step_markdown(steps: list[dict], title: str = "## One fitting step / one pla
     s0 = steps[0]
     md = [title, "",
           f"The {s0['target']} target ({s0['target_params']:,} parameters), causal LM loss on random tokens; LiGO: "
-          f"`GrowingModel(op, stream)` with the {s0.get('width', 'per-layer')} operator ({s0['operator']:,} parameters), `task_terms`, "
+          f"`GrowingModel(op, stream)` with the {s0.get('width', 'per-layer')} operator ({s0['operator']:,} "
+          f"parameters), `task_terms`, "
           f"backward, AdamW on the operator; plain: `forward(target, weights)`, the same loss, backward, AdamW on the "
           f"weights. One process, each LiGO step right after a plain step, median of {s0['pairs']} pair ratios after "
           f"a warm-up round; {s0.get('threads', 2)} thread(s), {s0.get('clock', 'wall')} time.", "",

@@ -439,7 +439,8 @@ def vs_optimum(args, tmp: Path) -> dict:
                 tok = {k: NEW_TOKENS / v for k, v in t.items()} | {"optimum": theirs["tok_s"][str(threads)]}
                 res["generation"].append((label, threads, tok))
                 print(f"{label} generation {threads} thread(s): ours {tok['ours']:.1f} tok/s, transformers "
-                      f"{tok['transformers']:.1f}, optimum {tok['optimum']:.1f}; ours fusions off {tok['ours_off']:.1f}",
+                      f"{tok['transformers']:.1f}, optimum {tok['optimum']:.1f}; ours fusions off "
+                      f"{tok['ours_off']:.1f}",
                       flush=True)
         del m, weights
     return res

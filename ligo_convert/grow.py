@@ -524,7 +524,7 @@ def write_growth(plan: GrowPlan, growth: Growth, dev: torch.device) -> GrowResul
             # the family it came from: save() starts from the source's config only when it writes that family
             model = from_tensors(plan.spec, grown, family=plan.src.family, config=plan.src.config,
                                  source=plan.src.source)
-            if plan.written_eps is not None:  # fitted and validated with the model's own epsilon; the file: the family's
+            if plan.written_eps is not None:  # fitted and validated with the model's epsilon, written with the family's
                 report["norm_eps_written"] = {"from": plan.spec.norm_eps, "to": plan.written_eps,
                                               "effect": CONVERSION_FILE}
             written = save(model, plan.out, family=plan.family, overwrite=o.overwrite,
