@@ -21,6 +21,7 @@ Examples (offline; the last needs vit-small in the Hugging Face cache and a GPU 
   ligo-convert pretrain micro-vit
   ligo-convert compare micro-vit --layers 4 --width 128 --methods ligo,aki,mslt,ki --seeds 0,1 --out cmp-vit
   ligo-convert compare vit-small vit-base --data images/ --steps 2000 --batch-size 64 --out cmp-vit-base
+  torchrun --nproc_per_node 2 -m ligo_convert compare micro-gpt2 --layers 4 --width 128 --quick --out cmp-ddp
 
 \b
 Methods: {', '.join(METHODS)} (scratch, the reference, always runs).
@@ -28,6 +29,8 @@ Methods: {', '.join(METHODS)} (scratch, the reference, always runs).
 grid (post-growth warmup none / short = a quarter of --warmup / --warmup, times peak lr = --lr times each
 --tune-lr-factors) and keeps its best (scratch: the lowest final loss; the others: the fewest FLOPs to scratch's
 tuned loss); the report then holds a table with scratch's schedule and one with each method's tuned schedule.
+Under torchrun every process trains each run on its share of every batch (data parallelism; the same
+curves as one process); the first process writes and prints.
 --quick sets every option not given to: {', '.join(f'{k}={v}' for k, v in QUICK.items())}.
 """
 
@@ -92,6 +95,8 @@ def compare_command(src, dst, layers, width, heads, kv_heads, mlp, data, text_co
                      tune_schedule=tune_schedule, tune_seed=tune_seed, tune_lr_factors=tune_lr_factors,
                      objective=objective, device=device, out=out, overwrite=overwrite, quick=quick,
                      log=lambda msg: click.echo(msg, err=True), progress=True)
+    if result.rank != 0:  # under torchrun the first process prints
+        return
     if as_json:
         click.echo(json.dumps(result.results, indent=1, default=float))
         return

@@ -258,3 +258,44 @@ def test_a_tuned_compare_resumes_without_redoing_its_tuning_runs(tuned, gpt2, mo
     (out / "runs" / f"stack-seed{before['tuning']['seed']}-lr{point['lr']:g}-warmup{point['warmup']:g}.json").unlink()
     compare(gpt2, **options)
     assert trained == ["stack"]
+
+
+def test_torchrun_two_processes_train_the_same_curves_as_one(tmp_path):
+    """Data parallelism: 2 gloo processes, each on half of every batch, give one process's curves.  BERT's masked
+    tokens fall unevenly between the halves, so only the global-count loss (not a mean of means) matches; KI blends
+    in the distillation loss, LiGO fits under DDP first."""
+    import os
+    import subprocess
+    import sys
+
+    bert = _micro(tmp_path / "src", "hf-bert")
+    args = ["compare", str(bert), *TARGET, "--quick", "--seq-len", "16", "--methods", "ligo,stack,ki,scratch",
+            "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ligo_convert", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("| method | FLOPs saved %") == 1  # only the first process prints
+    one = compare(bert, layers=2, width=32, quick=True, seq_len=16, methods="ligo,stack,ki,scratch", device="cpu",
+                  out=tmp_path / "one")
+    runs_two = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert runs_two["processes"] == 2 and one.results["processes"] == 1
+    for a, b in zip(one.results["runs"], runs_two["runs"]):
+        assert a["method"] == b["method"] and a["step_flops"] == b["step_flops"]  # FLOPs of the whole batch
+        assert [row[1] for row in a["curve"]] == [row[1] for row in b["curve"]]
+        losses_a, losses_b = [row[3] for row in a["curve"]], [row[3] for row in b["curve"]]
+        assert losses_a[-1] < losses_a[0] - 1e-3  # training moved, so agreement is not trivial
+        assert max(abs(x - y) for x, y in zip(losses_a, losses_b)) <= 1e-5, (a["method"], losses_a, losses_b)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["compare.json", "compare.md", "compare.png",
+                                                                      "runs"]
+
+
+def test_torchrun_batch_that_does_not_split_is_refused_before_work(tmp_path, monkeypatch):
+    from ligo_convert.compare import run as run_mod
+
+    monkeypatch.setattr(run_mod, "world", lambda: (0, 3))
+    result = invoke("compare", _micro(tmp_path / "src", "hf-gpt2"), *TARGET, "--quick", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "--batch-size 8 does not split evenly over 3 torchrun processes" in result.output
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,9 @@ each finished (method, seed) run is saved as ``OUT/runs/METHOD-seedN.json`` and 
 again, so an interrupted compare resumes where it stopped.  Then ``OUT/compare.md`` (the table), ``compare.json``
 (every run, its curve and accounting) and ``compare.png`` (validation loss against FLOPs).  All refusals happen in
 ``plan_compare``, before anything is trained or written.
+
+Under ``torchrun`` every process plans the same compare and trains every run together (``train``: each on its share
+of the batches, gradients summed); only the first process writes and prints.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..canonical import CanonicalModel
 from ..errors import LigoError
 from ..grow import GrowOptions, _name_of, plan_growth
 from ..growth import baselines
-from ..growth.fit import DEFAULT_LR, Teacher, resolve_device
+from ..growth.fit import DEFAULT_LR, Teacher, distributed, resolve_device, world
 from ..objectives import choose_objective
 from ..spec import Spec
 from .accounting import aggregate, mean_sd, paired, savings, steps_to_goal
@@ -86,7 +89,7 @@ class CompareOptions:
     on_run: Callable[[dict], None] | None = None  # called with each run record as soon as it is saved
 
     def say(self, msg: str) -> None:
-        if self.log is not None:
+        if self.log is not None and world()[0] == 0:
             self.log(msg)
 
 
@@ -122,13 +125,30 @@ class CompareResult:
     markdown: str
     trained: list[tuple[str, int]] = field(default_factory=list)  # (method, seed) runs trained by this call
     resumed: list[tuple[str, int]] = field(default_factory=list)  # reused from OUT/runs/
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 wrote and prints)
 
 
 def compare(source, target: str | None = None, **kwargs) -> CompareResult:
     """Train ``target`` (a zoo name, folder or hub id, or ``layers=``/``width=``... as for ``grow``) from each
     method's start on ``data`` and write the comparison to ``out``; see :class:`CompareOptions` for the options.
     Raises :class:`LigoError` before any work on bad input."""
-    return run_compare(plan_compare(source, target, CompareOptions(**kwargs)))
+    o = CompareOptions(**kwargs)
+    with distributed(resolve_device(o.device)):
+        plan = plan_compare(source, target, o)
+        _barrier()  # every process has checked ``out`` before the first one writes in it
+        return run_compare(plan)
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _writes() -> bool:
+    """Whether this process writes (the only one, or the first under torchrun)."""
+    return world()[0] == 0
 
 
 def parse_methods(value) -> tuple[str, ...]:
@@ -186,6 +206,9 @@ def plan_compare(source, target: str | None, o: CompareOptions) -> ComparePlan:
         raise LigoError(f"--tune-seed {o.tune_seed} must be a whole number, 0 or more, that is not one of the "
                         f"measured --seeds {','.join(map(str, seeds))} (its runs choose the schedules)")
     batch_size = o.batch_size or quick.get("batch_size", 16)
+    if batch_size % world()[1]:
+        raise LigoError(f"--batch-size {batch_size} does not split evenly over {world()[1]} torchrun processes; "
+                        f"choose a multiple of {world()[1]}")
     val_batches = o.val_batches or quick.get("val_batches", 8)
     eval_every = o.eval_every or quick.get("eval_every", max(1, steps // 20))
     fit_steps = o.fit_steps if o.fit_steps is not None else quick.get("fit_steps", max(1, steps // 20))
@@ -282,13 +305,14 @@ def run_compare(plan: ComparePlan) -> CompareResult:
     grid, also each method's tuning runs on the tuning seed and its runs with the schedule they chose."""
     o, out = plan.options, plan.out
     runs_dir = out / RUNS
-    if out.exists() and not plan.resume:  # --overwrite: the old runs and outputs go, anything else stays
-        shutil.rmtree(runs_dir, ignore_errors=True)
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    if not plan.resume:
-        _write(runs_dir / SETTINGS, _dump(plan.settings))
+    if _writes():
+        if out.exists() and not plan.resume:  # --overwrite: the old runs and outputs go, anything else stays
+            shutil.rmtree(runs_dir, ignore_errors=True)
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        if not plan.resume:
+            _write(runs_dir / SETTINGS, _dump(plan.settings))
     s, t = plan.src.spec, plan.target
     o.say(f"compare {plan.source_name} {s.layers}x{s.width} -> {t.layers}x{t.width} ({plan.family}) on "
           f"{plan.data_name}: {', '.join(plan.methods)}; seeds {', '.join(map(str, plan.seeds))}; "
@@ -301,7 +325,7 @@ def run_compare(plan: ComparePlan) -> CompareResult:
     started = time.perf_counter()
     runner = _Runner(plan, plan.src.materialize(torch.float32), runs_dir)
     tuned_count = len(plan.methods) * len(plan.seeds) if plan.grid else 0
-    runner.bar = _bar(o.progress, len(plan.methods) * (len(plan.seeds) + len(plan.grid)) + tuned_count, "runs", True)
+    runner.bar = _bar(o.progress and _writes(), len(plan.methods) * (len(plan.seeds) + len(plan.grid)) + tuned_count, "runs", True)
     try:
         base = [runner.run(m, seed, plan.recipe) for seed in plan.seeds for m in plan.methods]
         tuning = _tune(plan, runner) if plan.grid else None
@@ -314,11 +338,12 @@ def run_compare(plan: ComparePlan) -> CompareResult:
         results["tuning"] = tuning
         results["tuned"] = _summarise(plan.methods, [dict(r) for r in tuned])
     md = markdown(results)
-    _write(out / "compare.json", _dump(results))
-    _write(out / "compare.md", md)
-    plot(results, out / "compare.png")
+    if _writes():
+        _write(out / "compare.json", _dump(results))
+        _write(out / "compare.md", md)
+        plot(results, out / "compare.png")
     o.say(f"wrote {out / 'compare.md'}, compare.json, compare.png")
-    return CompareResult(out, results, md, runner.trained, runner.resumed)
+    return CompareResult(out, results, md, runner.trained, runner.resumed, world()[0])
 
 
 class _Runner:
@@ -354,7 +379,7 @@ class _Runner:
             twin = self.digests.get((seed, recipe.lr, recipe.warmup, digest)) if digest else None
             if digest and twin is None:
                 self.digests[seed, recipe.lr, recipe.warmup, digest] = method
-        if path.is_file():
+        if path.is_file():  # every process sees the same files: each run ends at a barrier (below)
             record = json.loads(path.read_text())
             self.resumed.append((method, seed))
         else:
@@ -365,7 +390,9 @@ class _Runner:
             else:
                 record = _train_one(plan, method, seed, self.small_w, recipe)
                 self.trained.append((method, seed))
-            _write(path, _dump(record))
+            if _writes():
+                _write(path, _dump(record))
+            _barrier()
             if o.on_run is not None:
                 o.on_run(record)
         record.setdefault("lr", recipe.lr)  # runs saved before records named their schedule
@@ -415,7 +442,7 @@ def _bar(enabled: bool, total: int, desc: str, leave: bool):
 
 def _train_one(plan: ComparePlan, method: str, seed: int, small_w: dict, recipe: Recipe) -> dict:
     o = plan.options
-    bar = _bar(o.progress, recipe.steps, f"{method} seed {seed}", leave=False)
+    bar = _bar(o.progress and _writes(), recipe.steps, f"{method} seed {seed}", leave=False)
 
     def on_step(step, loss):
         bar.update(1)
@@ -462,7 +489,7 @@ def _results(plan: ComparePlan, runs: list[dict], wall: float) -> dict:
             "target_spec": _sizes(t), "family": plan.family, "data": plan.data_name,
             "objective": plan.objective, "methods": list(plan.methods), "seeds": list(plan.seeds),
             "settings": plan.settings, "summary": base["summary"], "ligo_against": base["ligo_against"],
-            "runs": runs, "wall_s": wall, "versions": {"ligo_convert": __version__, "torch": torch.__version__,
+            "runs": runs, "wall_s": wall, "processes": world()[1], "versions": {"ligo_convert": __version__, "torch": torch.__version__,
                                                        "python": platform.python_version(),
                                                        "machine": platform.machine()}}
 

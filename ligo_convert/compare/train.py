@@ -5,6 +5,10 @@ an evaluation every ``eval_every`` steps, bf16 autocast on CUDA (weights and opt
 the matrix products of a forward and backward counted once per phase by ``torch.utils.flop_counter`` (a phase: which
 weights train, whether a teacher runs), so every step of a phase costs the same; wall time is the steps' own time,
 evaluations excluded.
+
+Under ``torchrun`` (data parallelism) every process draws the same global batches and trains on its share of the
+rows: each loss is its share's summed terms over the global count, and the gradients are summed over the processes,
+so a step is the single process's step on the whole batch (FLOPs are counted for the whole batch, as there).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import torch
 
 from .. import data as data_mod
 from ..errors import LigoError
-from ..growth.fit import autocast, evaluate_loss
+from ..growth.fit import _all_sum, autocast, evaluate_loss, local_share, world
 from ..model import forward
-from ..objectives import distill_loss, evaluate_metrics, task_loss
+from ..objectives import distill_loss, distill_terms, evaluate_metrics, task_loss, task_terms
 from ..spec import Spec
 
 KI_ALPHA = 0.5  # KI: the distillation loss's initial weight, decaying linearly to 0 over the distillation steps
@@ -75,6 +79,36 @@ def loss_of(spec: Spec, weights, batch: dict, objective: str = "task", teacher=N
     return loss
 
 
+def shared_loss_of(spec: Spec, weights, batch: dict, objective: str = "task", teacher=None,
+                   alpha: float = 0.0) -> torch.Tensor:
+    """:func:`loss_of` on this process's share of the global ``batch``, each mean taken over the global count (see
+    the module docstring); the same value as ``loss_of`` in a single process."""
+    local = local_share(batch)
+    out = forward(spec, weights, **data_mod.model_inputs(local))
+    if objective == "distill":
+        total, count = distill_terms(spec, out, teacher(local), local)
+        return total / _all_sum(count).clamp(min=1)
+    total, count = task_terms(spec, out, local)
+    loss = total / _all_sum(count).clamp(min=1)
+    if teacher is not None and alpha > 0:
+        with torch.no_grad():
+            t = teacher(local)
+        d_total, d_count = distill_terms(spec, out, t, local)
+        loss = (1 - alpha) * loss + alpha * (d_total / _all_sum(d_count).clamp(min=1))
+    return loss
+
+
+def _sum_gradients(tensors) -> None:
+    """Sum the gradients over the torchrun processes (nothing in a single process)."""
+    if world()[1] == 1:
+        return
+    import torch.distributed as dist
+
+    handles = [dist.all_reduce(t.grad, async_op=True) for t in tensors if t.grad is not None]
+    for h in handles:
+        h.wait()
+
+
 @torch.no_grad()
 def evaluate(spec: Spec, weights, val: list[dict], objective: str = "task", teacher=None,
              device: torch.device | None = None) -> tuple[float, float | None]:
@@ -116,6 +150,7 @@ def train(spec: Spec, init, batches: Iterable[dict], recipe: Recipe, val: list[d
     frozen = frozen or set()
     stream = iter(batches)
     steps, accumulate = recipe.steps, recipe.accumulate
+    size = world()[1]
     if accumulate < 1:
         raise LigoError(f"gradient accumulation must be 1 or more micro-batches, not {accumulate}")
 
@@ -147,12 +182,14 @@ def train(spec: Spec, init, batches: Iterable[dict], recipe: Recipe, val: list[d
         total = 0.0
         for batch in micro:
             with autocast(device):
-                loss = loss_of(spec, weights, batch, objective, teacher, alpha)
-            if not torch.isfinite(loss):
-                raise LigoError(f"the training loss became {float(loss)} at step {step + 1}; lower the learning "
+                loss = (shared_loss_of if size > 1 else loss_of)(spec, weights, batch, objective, teacher, alpha)
+            value = float(_all_sum(loss.detach()))
+            if not math.isfinite(value):
+                raise LigoError(f"the training loss became {value} at step {step + 1}; lower the learning "
                                 f"rate (now {recipe.lr:g})")
             (loss / accumulate if accumulate > 1 else loss).backward()
-            total += float(loss.detach()) / accumulate
+            total += value / accumulate
+        _sum_gradients(weights.values())
         torch.nn.utils.clip_grad_norm_([w for w in weights.values() if w.grad is not None], recipe.clip)
         opt.step()
         _sync(device)
