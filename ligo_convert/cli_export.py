@@ -141,7 +141,9 @@ Examples:
               "only string column].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, seed, workers, text_column, as_json):
-    """Accuracy and loss of a classifier, loss and perplexity of a masked or causal LM.
+    """Accuracy and loss of a classifier, loss and perplexity of a masked or causal LM; for a tower without a head
+    a probe of its features (k-NN accuracy for images, span retrieval for text), for ELECTRA's discriminator
+    replaced-token detection with random replacements.
 
     Both engines read the same batches and score them the same way, so their numbers agree to the export
     tolerance.
@@ -157,7 +159,8 @@ def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, s
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    line = f"{result['engine']}: loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}"
+    line = f"{result['engine']}: " + (f"loss {result['loss']:.4f}, " if result["loss"] is not None else "")
+    line += f"accuracy {result['accuracy']:.4f}" + (f" ({result['probe']})" if "probe" in result else "")
     if "perplexity" in result:
         line += f", perplexity {result['perplexity']:.2f}"
     click.echo(f"{line} over {result['count']} {result['counted']} ({result['batches']} batches of "

@@ -551,11 +551,17 @@ class TextEncoder:
             reserved = {spec.pad_token_id} if spec.pad_token_id is not None else set()
             self.mask_id = spec.vocab_size - 1
             reserved.add(self.mask_id)
+            if spec.pool == "eos":  # a tower pooled at its end-of-text token (CLIP text): every sequence ends with
+                # it, as the tower's own tokenizer ends every text, and no byte maps to it (-1: the highest id)
+                end = spec.pool_token_id if spec.pool_token_id >= 0 else spec.vocab_size - 1
+                reserved.add(end)
+                self.suffix = [end]
             usable = [i for i in range(spec.vocab_size) if i not in reserved]
             if not usable:
                 raise LigoError(f"vocabulary of {spec.vocab_size} ids is too small for text")
             self._byte_ids = torch.tensor([usable[b % len(usable)] for b in range(256)])
-            self.fingerprint = "bytes " + ",".join(map(str, self._byte_ids.tolist()))
+            self.fingerprint = "bytes " + ",".join(map(str, self._byte_ids.tolist())) + \
+                (f" end {self.suffix[0]}" if self.suffix else "")
 
     def _specials(self) -> tuple[list[int], list[int]]:
         """The ids the post-processor adds around one sequence, found by encoding a probe with and without them."""

@@ -1,5 +1,6 @@
 """Task metrics of a model with PyTorch or onnxruntime: accuracy and loss for classifiers, loss, perplexity and
-token accuracy for masked and causal LMs.
+token accuracy for masked and causal LMs; for towers without a head and ELECTRA's discriminator, the probes of
+``ligo_convert.probes`` (k-NN for images, span retrieval for text, replaced-token detection).
 
 Both engines read the same batches (``data.batches``, deterministic for a seed, masking included) and score them with
 the same code (``objectives.evaluate_metrics``); only the forward differs, so their numbers agree to the export
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from . import probes
 from .canonical import CanonicalModel, load
 from .errors import LigoError
 from .model import forward, positions_of
@@ -41,7 +43,7 @@ def _tokenizer_dir(source) -> Path | None:
 
 class _OnnxRunner:
     def __init__(self, path: Path, spec: Spec):
-        from .export import _session, output_names, providers
+        from .export import _session, output_keys, output_names, providers
 
         best = providers()[-1]  # CUDA when onnxruntime-gpu and a GPU are there (raises LigoError without onnxruntime)
         try:
@@ -50,6 +52,7 @@ class _OnnxRunner:
             raise LigoError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); export it again") from None
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.names = output_names(spec)
+        self.keys = output_keys(spec)  # what forward calls them
         if self.names[0] not in [o.name for o in self.session.get_outputs()]:
             raise LigoError(f"{path}: has no {self.names[0]!r} output; export it with `ligo-convert export`")
 
@@ -66,8 +69,9 @@ class _OnnxRunner:
                 raise LigoError(f"the ONNX model wants input {name!r}, which the data does not give")
             else:
                 feed[name] = batch[name].numpy()
-        logits = self.session.run(self.names[:1], feed)[0]
-        return {"logits": torch.from_numpy(logits)}
+        if "logits" in self.names:
+            return {"logits": torch.from_numpy(self.session.run(["logits"], feed)[0])}
+        return {k: torch.from_numpy(v) for k, v in zip(self.keys, self.session.run(self.names, feed))}
 
 
 def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_size: int = 16, seq_len: int = 64,
@@ -98,9 +102,6 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
     else:
         canonical = model if isinstance(model, CanonicalModel) else load(model)
         spec, source = canonical.spec, canonical.source
-    if spec.head == "none":
-        raise LigoError("this model has no output head (classifier or LM), so it has no task metrics; evaluate a "
-                        "model with a head")
     with tempfile.TemporaryDirectory(prefix="ligo-eval-") as tmp:
         if engine == "onnx":
             path = Path(model)
@@ -120,19 +121,63 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
                     return forward(spec, weights, **data_mod.model_inputs(batch))
 
         tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else _tokenizer_dir(source)
-        totals = None
-        batches = 0
         options = {"workers": workers, "text_column": text_column}  # the forward runs on the CPU: nothing to pin
         if split == "val":  # the examples grow's validation reads too, whatever batch_size (data.val_batches)
             stream = data_mod.val_batches(spec, data, tokenizer_dir, batch_size, seq_len, max_batches, **options)
         else:
             stream = itertools.islice(data_mod.batches(spec, data, tokenizer_dir, split, batch_size, seq_len, seed,
                                                        repeat=False, **options), max_batches or None)
-        for batch in stream:
-            totals = evaluate_metrics(spec, run(batch), batch, totals)
-            batches += 1
-    if totals is None:
+        counter = _Counted(stream)
+        probe = probes.probe_of(spec)
+        if probe is None:
+            totals = None
+            for batch in counter:
+                totals = evaluate_metrics(spec, run(batch), batch, totals)
+        else:
+            totals = _probe(probe, spec, run, counter, data, tokenizer_dir, batch_size, seed, options)
+    if totals is None or not totals["count"]:
         raise LigoError(f"no {split} data for this model")
+    return _report(spec, engine, model, data, text_column, split, counter.count, totals, probe)
+
+
+class _Counted:
+    """Batches, counted as they are read."""
+
+    def __init__(self, batches):
+        self.batches, self.count = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.count += 1
+            yield batch
+
+
+def _probe(probe: str, spec: Spec, run, batches, data, tokenizer_dir, batch_size: int, seed: int,
+           options: dict) -> dict:
+    """The probe's running sums (``loss``/``accuracy`` as ``evaluate_metrics`` gives them; no loss for k-NN and
+    span retrieval)."""
+    if probe == "knn":
+        memory = probes.memory_batches(spec, data, tokenizer_dir, batch_size, seed, **options)
+        sums = probes.knn_probe(spec, run, memory, batches)
+    else:
+        encoder = data_mod.TextEncoder(spec, tokenizer_dir)
+        prefix, suffix = len(encoder.prefix), len(encoder.suffix)
+        if probe == "span":
+            sums = probes.span_retrieval(spec, run, batches, prefix, suffix)
+        else:
+            g = torch.Generator().manual_seed(seed + 1)
+            sums = None
+            for batch in batches:
+                batch = probes.replace_tokens(batch, prefix, suffix, spec.vocab_size, g)
+                sums = probes.rtd_metrics(run(batch), batch, sums)
+            return sums
+    return {**sums, "loss": None, "accuracy": sums["correct"] / max(sums["count"], 1)}
+
+
+def _report(spec: Spec, engine: str, model, data, text_column, split: str, batches: int, totals: dict,
+            probe: str | None) -> dict:
+    counted = {"knn": "images", "span": "sequences", "rtd": "text tokens", None: (
+        "examples" if spec.head == "classifier" else ("masked tokens" if spec.head == "mlm" else "next tokens"))}
     out = {
         "engine": engine,
         "model": str(model.source if isinstance(model, CanonicalModel) else model),
@@ -140,11 +185,14 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
         "split": split,
         "batches": batches,
         "count": totals["count"],
-        "counted": "examples" if spec.head == "classifier" else
-        ("masked tokens" if spec.head == "mlm" else "next tokens"),
+        "counted": counted[probe],
         "loss": totals["loss"],
         "accuracy": totals["accuracy"],
     }
+    if probe is not None:
+        out["probe"] = probes.PROBES[probe]
+    if "memory" in totals:
+        out["memory"] = totals["memory"]
     if "perplexity" in totals:
         out["perplexity"] = totals["perplexity"]
     return out

@@ -305,3 +305,32 @@ def test_siglip_head_switch_alone_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
     assert_one_line_error(result, "config key vision_use_head=True")
     assert not (tmp_path / "out").exists()
+
+
+# --- eval: the towers have no head, so eval probes their features ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["CLIPVisionModelWithProjection", "text-eos"])
+def test_eval_probes_the_tower_on_both_engines(tmp_path, case):
+    """A vision tower: a k-NN probe on the digits (well above chance even at random weights: digits are easy to tell
+    apart by their pixels); a text tower: span retrieval.  Both engines give the same accuracy; a tower whose
+    features carry nothing (the projection zeroed: every image the same vector) scores chance."""
+    from ligo_convert.evaluate import evaluate
+
+    cls, config_cls, config, _ = CASES[case]
+    if case not in VISION_CASES:  # sequences of 64 tokens: 16 bytes of indented source are mostly spaces
+        config = dict(config, max_position_embeddings=64)
+    model = save_randomised(cls, getattr(transformers, config_cls)(**config), tmp_path / "src")
+    got = evaluate(tmp_path / "src", max_batches=4, seq_len=64)
+    onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=4, seq_len=64)
+    assert (got["probe"].split()[0], got["counted"]) == (("5-NN", "images") if case in VISION_CASES else
+                                                        ("span", "sequences"))
+    assert got["loss"] is None and got["count"] == onnx_run["count"] == 64
+    assert abs(got["accuracy"] - onnx_run["accuracy"]) <= 1 / 64
+    chance = 0.1 if case in VISION_CASES else 1 / 64
+    assert got["accuracy"] > 2 * chance, got  # random weights; test_minilm shows trained text features do better
+    with torch.no_grad():
+        (model.visual_projection if case in VISION_CASES else model.text_projection).weight.zero_()
+    model.save_pretrained(tmp_path / "zeroed")
+    flat = evaluate(tmp_path / "zeroed", max_batches=4, seq_len=64)
+    assert flat["accuracy"] <= 2 * chance, flat

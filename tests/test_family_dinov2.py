@@ -228,3 +228,16 @@ def test_eval_equals_transformers_loss_on_both_engines(tmp_path):
     assert torch_run["count"] == onnx_run["count"] == 32
     assert abs(torch_run["loss"] - onnx_run["loss"]) <= 1e-4 * max(1.0, abs(torch_run["loss"]))
     assert abs(torch_run["accuracy"] - onnx_run["accuracy"]) <= 1 / torch_run["count"]
+
+
+def test_eval_of_the_bare_backbone_is_a_knn_probe_on_both_engines(tmp_path):
+    """Dinov2Model has no head: eval classifies each held-out digit by its 5 nearest training digits' labels in the
+    pooled features — the same accuracy on both engines (to a few images: at random weights the pooled features of
+    all digits are nearly alike, so fp32 rounding flips near-tied neighbours), far above the chance of 0.1."""
+    from ligo_convert.evaluate import evaluate
+
+    build(tmp_path, "Dinov2Model")
+    got = evaluate(tmp_path / "src", max_batches=4)
+    onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=4)
+    assert got["memory"] == 1024 and got["count"] == onnx_run["count"] == 64
+    assert abs(got["accuracy"] - onnx_run["accuracy"]) <= 3 / 64 and got["accuracy"] > 0.3, (got, onnx_run)

@@ -265,8 +265,8 @@ def test_task_objective_refused_for_the_discriminator(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--objective distill" in lines[0], result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-    with pytest.raises(LigoError, match="per-token binary head"):  # no task metrics either
-        evaluate(tmp_path / "src", max_batches=1, batch_size=2, seq_len=16)
+    # eval scores it by replaced-token detection with random replacements instead (the test below)
+    assert evaluate(tmp_path / "src", max_batches=1, batch_size=2, seq_len=16)["probe"].startswith("replaced")
 
 
 # post-LN: LEMON cannot add layers losslessly, so the width grows alone (by a factor of 2: net2net is exact too);
@@ -330,3 +330,23 @@ def test_eval_generator_both_engines(tmp_path):
     onnx_run = evaluate(folder, engine="onnx", max_batches=1, batch_size=4, seq_len=16)
     assert onnx_run["count"] == got["count"]
     assert abs(onnx_run["loss"] - got["loss"]) <= 1e-4 * max(1.0, abs(got["loss"]))
+
+
+def test_eval_discriminator_detects_random_replacements_on_both_engines(tmp_path):
+    """The discriminator has no data of its own (a generator makes its replacements), so eval scores replaced-token
+    detection with random replacements: the same tokens, loss and accuracy on both engines; a head that always says
+    "replaced" scores the replacement rate, one that never does its complement."""
+    from ligo_convert.probes import REPLACED
+
+    model = build(tmp_path / "src", "ElectraForPreTraining", "emb16")
+    got = evaluate(tmp_path / "src", max_batches=2, seq_len=16)
+    onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=2, seq_len=16)
+    assert got["probe"].startswith("replaced-token detection") and got["counted"] == "text tokens"
+    assert onnx_run["count"] == got["count"] and abs(onnx_run["accuracy"] - got["accuracy"]) <= 1 / got["count"]
+    assert abs(onnx_run["loss"] - got["loss"]) <= 1e-4 * max(1.0, got["loss"])
+    for bias, expected in ((30.0, REPLACED), (-30.0, 1 - REPLACED)):
+        with torch.no_grad():
+            model.discriminator_predictions.dense_prediction.bias.fill_(bias)
+        model.save_pretrained(tmp_path / f"bias{bias:g}")
+        run = evaluate(tmp_path / f"bias{bias:g}", max_batches=2, seq_len=16)
+        assert run["count"] == got["count"] and abs(run["accuracy"] - expected) < 0.06, (bias, run)

@@ -125,3 +125,19 @@ def test_convert_float16(tmp_path, reference):
     e16, e32 = sentence_embeddings(h16, x["attention_mask"]), sentence_embeddings(hidden, x["attention_mask"])
     assert (e16 * e32).sum(-1).min() > 0.9999
     assert max_diff(h16, hidden) < 0.01
+
+
+def test_eval_span_retrieval_real_weights_beat_random_ones(tmp_path):
+    """A tower without a head is scored by span retrieval (the first half of each held-out sequence finds its own
+    second half): the real MiniLM's features do it far better than the same architecture at random weights."""
+    from ligo_convert.evaluate import evaluate
+
+    real = evaluate(SRC, max_batches=8)
+    torch.manual_seed(0)
+    random = transformers.BertModel(transformers.BertConfig.from_pretrained(SRC))
+    random.save_pretrained(tmp_path / "random")
+    for name in TOKENIZER_FILES:
+        (tmp_path / "random" / name).write_bytes((SRC / name).read_bytes())
+    chance = evaluate(tmp_path / "random", max_batches=8)
+    assert real["count"] == chance["count"] == 128 and real["probe"].startswith("span retrieval")
+    assert real["accuracy"] > chance["accuracy"] + 0.03, (real, chance)
