@@ -133,6 +133,7 @@ def task_check(path: Path, model: CanonicalModel, scheme: str, data=None, tokeni
                text_column: str | None = None) -> TaskCheck:
     """Score the int8 file ``path`` and the fp32 PyTorch model on the same validation batches."""
     from .evaluate import _OnnxRunner
+    from .export import output_keys
 
     spec = model.spec
     weights = model.materialize(torch.float32)
@@ -142,7 +143,7 @@ def task_check(path: Path, model: CanonicalModel, scheme: str, data=None, tokeni
     for batch in _batches(spec, data, tokenizer_dir, text_column):
         with torch.no_grad():
             ref = forward(spec, weights, **data_mod.model_inputs(batch))
-        got = run(batch)["logits"]  # the file's first output: logits, or the last hidden state without a head
+        got = run(batch)[output_keys(spec)[0]]  # the file's first output: logits, or the last hidden state without a head
         if spec.head in ("classifier", "mlm", "lm"):
             ref_totals = evaluate_metrics(spec, ref, batch, ref_totals)
             q_totals = evaluate_metrics(spec, {"logits": got}, batch, q_totals)
