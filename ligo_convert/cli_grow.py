@@ -45,7 +45,8 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
 @click.option("--allow-eps-change", is_flag=True, help="Let a --to family that fixes the norm epsilon (timm-vit: "
               "1e-6) write the grown model with its own; the output difference is measured into conversion.json.")
 @click.option("--data", type=click.Path(), help="Image folder (class subfolders), text file or folder of .txt "
-              "[default: embedded digits / standard-library source].")
+              "[default: embedded digits / standard-library source]; a composite (CLIP) takes it per tower: "
+              "vision=images/,text=corpus.txt.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="auto", show_default=True,
               help="task: the model's own loss; distill: match the source's outputs.")
 @click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Fitting steps (0: no fitting).")
@@ -97,9 +98,15 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, allow_e
     """
     import torch
 
+    from .composite import composite_source
+    from .errors import LigoError
     from .growth.fit import world
     from .grow import grow
 
+    composite = composite_source(src)
+    if composite is not None and onnx_export and layout == "hub":
+        raise LigoError(f"--layout hub writes one model's folder; {src} is a {composite[0].title}: use --onnx with "
+                        f"--layout flat (one ONNX file per tower)")
     result = grow(src, dst, layers=layers, width=width, heads=heads, kv_heads=kv_heads, mlp=mlp, out=out, family=to,
                   data=data, objective=objective, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                   seed=seed, device=device, depth_init=depth_init, width_init=width_init, noise=noise,
@@ -115,7 +122,13 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, allow_e
         from .export import export_onnx
 
         say = lambda msg: click.echo(msg, err=as_json)  # noqa: E731
-        if layout == "hub":
+        if composite is not None:  # one file per tower, named as transformers.js names CLIP's
+            from . import load
+
+            onnx_reports = [export_onnx(load(result.out, tower=name), Path(result.out) / f"{name}_model.onnx",
+                                        log=say) for name in composite[0].tower_names]
+            onnx_report = next((r for r in onnx_reports if not r.ok), onnx_reports[-1])
+        elif layout == "hub":
             from .layout import export_hub
 
             onnx_report = export_hub(result.out, result.out, log=say)
@@ -124,12 +137,14 @@ def grow_command(src, dst, layers, width, heads, kv_heads, mlp, out, to, allow_e
     if as_json:
         click.echo(json.dumps({**result.report, "onnx": onnx_report.to_dict() if onnx_report else None}, indent=2))
     else:
-        r = result.report
-        s, t = r["source_spec"], r["target_spec"]
-        how = (f"{r['variant']} width, {r['operator_parameters']:,} operator parameters" if method == "ligo" else
-               f"{method}, {'function-preserving' if r['function_preserving'] else 'not function-preserving'}")
-        click.echo(f"grew {s['layers']}x{s['width']} ({s['heads']} heads) -> {t['layers']}x{t['width']} "
-                   f"({t['heads']} heads) as {result.family}: {how}")
+        towers = result.report.get("towers") or {None: result.report}
+        for name, r in towers.items():
+            s, t = r["source_spec"], r["target_spec"]
+            how = (f"{r['variant']} width, {r['operator_parameters']:,} operator parameters" if method == "ligo" else
+                   f"{method}, {'function-preserving' if r['function_preserving'] else 'not function-preserving'}")
+            family = result.family if name is None else f"{result.report['family']} {name} tower"
+            click.echo(f"grew {s['layers']}x{s['width']} ({s['heads']} heads) -> {t['layers']}x{t['width']} "
+                       f"({t['heads']} heads) as {family}: {how}")
     if onnx_report is not None and not onnx_report.ok:
         click.echo(f"error: {onnx_report.failure()}", err=True)
         sys.exit(1)

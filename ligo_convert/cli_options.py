@@ -18,3 +18,9 @@ def target_sizes(command):
     for option in reversed(_TARGET_SIZES):
         command = option(command)
     return command
+
+
+def tower(command):
+    """--tower: the tower of a composite checkpoint (CLIPModel) to read (inspect, convert, export, eval)."""
+    return click.option("--tower", metavar="NAME",
+                        help="Read one tower of a composite checkpoint (CLIPModel: vision or text).")(command)

@@ -929,7 +929,10 @@ def _descriptor_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def load_descriptors() -> dict[str, Descriptor]:
     out = {}
     for path in sorted(data_dir("architectures").glob("*.toml")):
-        d = Descriptor(_descriptor_data(path), path)
+        data = _descriptor_data(path)
+        if "towers" in data:  # a composite of other families' towers (ligo_convert.composite), not a layer graph
+            continue
+        d = Descriptor(data, path)
         out[d.name] = d
     return out
 

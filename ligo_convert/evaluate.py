@@ -104,7 +104,7 @@ def evaluate(model, data=None, engine: str = "torch", split: str = "val", batch_
         spec, source = canonical.spec, canonical.source
     with tempfile.TemporaryDirectory(prefix="ligo-eval-") as tmp:
         if engine == "onnx":
-            path = Path(model)
+            path = Path(model) if canonical is None else None
             if canonical is not None:  # export first, proven like any export
                 from .export import export_onnx
 

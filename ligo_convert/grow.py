@@ -276,10 +276,16 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
     ``auto`` streams large targets (both give the same result).  ``parallel``: ``ddp`` or ``fsdp`` under torchrun.
     ``workers``/``text_column`` go to the data loader.  ``allow_eps_change``: an output family that fixes the norm
     epsilon (timm's ViT) takes the model with its own; fitting and validation use the model's, and the output
-    difference the change causes is measured into conversion.json.  Every user error raises :class:`LigoError`
-    before anything is written; the source is never touched.
+    difference the change causes is measured into conversion.json.  A composite source (CLIPModel) grows every
+    tower into the composite target's sizes, ``data`` per tower (``{"vision": ..., "text": ...}`` or
+    ``"vision=PATH,text=PATH"``), and returns a ``composite.CompositeResult``.  Every user error raises
+    :class:`LigoError` before anything is written; the source is never touched.
     """
     options = GrowOptions(**{k: v for k, v in locals().items() if k not in ("source", "target")})
+    from .composite import composite_source, grow_composite
+
+    if composite_source(source) is not None:  # several towers (CLIPModel): each grown, one checkpoint written
+        return grow_composite(source, target, options)
     plan = plan_growth(source, target, options)
     if plan.stream:
         release_freed_memory()  # layer-sized buffers go back to the system when freed (see ligo_convert.memory)
@@ -290,11 +296,11 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
         return write_growth(plan, growth, dev)
 
 
-def plan_growth(source, target: str | None, o: GrowOptions) -> GrowPlan:
-    """Read the source's config and header, work out the target, and check every option: all refusals happen
-    here, before any tensor is read or anything written."""
+def plan_growth(source, target: str | None, o: GrowOptions, sizes: dict | None = None) -> GrowPlan:
+    """Read the source's config and header, work out the target (``sizes`` given: those, for one tower of a
+    composite), and check every option: all refusals happen here, before any tensor is read or anything written."""
     src = source if isinstance(source, CanonicalModel) else load(source)
-    sizes, target_family, target_name = resolve_target(target)
+    sizes, target_family, target_name = (sizes, None, None) if sizes is not None else resolve_target(target)
     explicit = dict(layers=o.layers, width=o.width, heads=o.heads, kv_heads=o.kv_heads, mlp=o.mlp)
     if not sizes and all(v is None for v in explicit.values()):
         raise LigoError("no growth target: name one (zoo name, folder or hub id) or pass --layers/--width/--heads/"

@@ -33,17 +33,39 @@ def _load() -> dict[str, dict]:
 
 
 def _entry(name: str, raw: dict, path) -> dict:
-    """Check one entry (the zoo is our own data: a bad entry is a bug, hence ValueError) and fill in defaults."""
+    """Check one entry (the zoo is our own data: a bad entry is a bug, hence ValueError) and fill in defaults.
+    A composite's entry (CLIP) gives each tower's sizes in a table named after the tower."""
     where = f"{path}: [{name}]"
     if not isinstance(raw, dict):
         raise ValueError(f"{where} is not a table")
-    missing = [k for k in _REQUIRED if k not in raw]
-    unknown = sorted(set(raw) - _KNOWN)
+    from .composite import load_composites
+
+    comp = load_composites().get(raw.get("family"))
+    if comp is not None:
+        unknown = sorted(set(raw) - {"family", "hub", "notes", *comp.tower_names})
+        missing = [k for k in ("hub", *comp.tower_names) if k not in raw]
+        if missing or unknown:
+            raise ValueError(f"{where}: missing {missing}, unknown {unknown}")
+        towers = {t: _sizes(f"{where}.{t}", raw[t]) for t in comp.tower_names}
+        if raw["hub"].count("/") != 1:
+            raise ValueError(f"{where}: hub must be an 'org/name' id")
+        return {"name": name, "family": raw["family"], "hub": raw["hub"], "notes": raw.get("notes", ""),
+                "towers": towers}
+    return {"name": name, "family": raw.get("family"), "hub": raw.get("hub"), **_sizes(where, raw, single=True)}
+
+
+def _sizes(where: str, raw: dict, single: bool = False) -> dict:
+    """One model's (or tower's) sizes, checked, with kv_heads and head_dim filled in."""
+    required = _REQUIRED if single else _REQUIRED[2:]
+    known = _KNOWN if single else set(SIZE_FIELDS)
+    missing = [k for k in required if k not in raw]
+    unknown = sorted(set(raw) - known)
     if missing or unknown:
         raise ValueError(f"{where}: missing {missing}, unknown {unknown}")
-    entry = {"name": name, **raw}
+    entry = dict(raw)
     entry.setdefault("kv_heads", entry["heads"])
-    entry.setdefault("notes", "")
+    if single:
+        entry.setdefault("notes", "")
     for key in SIZE_FIELDS:
         if key == "head_dim" and key not in entry:
             continue
@@ -56,13 +78,14 @@ def _entry(name: str, raw: dict, path) -> dict:
         entry["head_dim"] = entry["width"] // entry["heads"]
     if entry["heads"] % entry["kv_heads"]:
         raise ValueError(f"{where}: heads must be a multiple of kv_heads")
-    if entry["hub"].count("/") != 1:
+    if single and entry["hub"].count("/") != 1:
         raise ValueError(f"{where}: hub must be an 'org/name' id")
     return entry
 
 
 def entries() -> list[dict]:
-    """Every zoo entry, in file order: name, family, hub, layers, width, heads, kv_heads, mlp, head_dim, notes."""
+    """Every zoo entry, in file order: name, family, hub, layers, width, heads, kv_heads, mlp, head_dim, notes (a
+    composite's entry: ``towers``, tower -> those sizes)."""
     return [copy.deepcopy(e) for e in _load().values()]
 
 
@@ -77,4 +100,7 @@ def target_sizes(name: str) -> dict:
     entry = _load().get(name)
     if entry is None:
         raise LigoError(f"{name}: not a zoo name; `ligo-convert zoo` lists them")
+    if "towers" in entry:
+        raise LigoError(f"{name}: a {entry['family']} model of {len(entry['towers'])} towers "
+                        f"({', '.join(entry['towers'])}); only a {entry['family']} model grows into it")
     return {k: entry[k] for k in SIZE_FIELDS}

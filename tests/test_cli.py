@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ligo_convert import LigoError, Spec, forward, from_tensors, load, save
 from ligo_convert.cli import main
 from ligo_convert.descriptors import load_descriptors
+from ligo_convert.composite import composite_of
 from ligo_convert.zoo import _entry, entries, find_entry, target_sizes
 from helpers import assert_same_files, loading_problems, max_diff, read_all
 
@@ -74,9 +75,14 @@ def test_zoo_entries():
         assert list(target_sizes(name)) == ["layers", "width", "heads", "kv_heads", "mlp", "head_dim"]
     families = set(load_descriptors())
     for e in entries():
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", e["hub"]), e
+        if "towers" in e:  # a composite (CLIPModel): every tower read by its family's descriptor
+            comp = composite_of({}, e["family"])
+            assert list(e["towers"]) == comp.tower_names
+            assert all(t.family in families for t in comp.towers)
+            continue
         assert e["family"] in families, e  # every entry can be read by a descriptor
         assert e["heads"] % e["kv_heads"] == 0 and e["layers"] > 0 and e["mlp"] > 0
-        assert re.fullmatch(r"[\w.-]+/[\w.-]+", e["hub"]), e
     assert find_entry("gpt2")["hub"] == "openai-community/gpt2"
     assert find_entry("openai-community/gpt2") is None and find_entry("nope") is None
     find_entry("gpt2")["hub"] = "changed"  # callers get copies
