@@ -6,7 +6,8 @@ exporter with a dynamic batch and (for token models) a dynamic sequence length. 
 spec alone:
 
 * ``spec.input == "patches"``: ``pixel_values`` (float32, batch × channels × image × image; the image size is fixed
-  by the patch grid); token models: ``input_ids``, ``attention_mask`` and, when the spec has token types,
+  by the patch grid, except where the model resamples its position table for other sizes, as DINOv2: then height
+  and width are dynamic, multiples of the patch size, validated at three sizes); token models: ``input_ids``, ``attention_mask`` and, when the spec has token types,
   ``token_type_ids`` (int64, batch × sequence).
 * ``logits`` when the spec has a head; otherwise ``last_hidden_state``, with a pooler or a pooled token
   ``pooler_output``, and with a projection ``image_embeds`` / ``text_embeds``.
@@ -181,8 +182,9 @@ def example_inputs(spec: Spec, batch: int, seq: int | None = None, seed: int = 0
     """Random inputs of one shape.  Token batches pad the tail of their last row (with the pad id where the spec has
     one) so the mask path is exercised."""
     g = torch.Generator().manual_seed(seed)
-    if spec.input == "patches":
-        return {"pixel_values": torch.randn(batch, spec.num_channels, spec.image_size, spec.image_size, generator=g)}
+    if spec.input == "patches":  # ``seq``: (height, width) for models that take other image sizes
+        height, width = seq if isinstance(seq, tuple) else (spec.image_size, spec.image_size)
+        return {"pixel_values": torch.randn(batch, spec.num_channels, height, width, generator=g)}
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.int64)
     if batch > 1 and seq > 2:
@@ -198,8 +200,12 @@ def example_inputs(spec: Spec, batch: int, seq: int | None = None, seed: int = 0
     return out
 
 
-def validation_shapes(spec: Spec) -> list[tuple[int, int | None]]:
-    """(batch, sequence) pairs to validate at: batch 1, unseen batches, and sequence lengths not used at export."""
+def validation_shapes(spec: Spec) -> list[tuple[int, int | tuple[int, int] | None]]:
+    """(batch, sequence) pairs to validate at: batch 1, unseen batches, and sequence lengths not used at export
+    (image sizes other than the configured one, as (height, width), where the model takes them)."""
+    if spec.input == "patches" and spec.interpolate_positions:  # the configured size, a wide one and a large one
+        size, patch = spec.image_size, spec.patch_size
+        return [(1, None), (3, (max(patch, size - patch), size + 2 * patch)), (EXPORT_BATCH, (2 * size, 2 * size))]
     if spec.input == "patches":
         return [(1, None), (3, None), (EXPORT_BATCH, None)]
     limit = max_sequence(spec) or 10**9
@@ -388,6 +394,9 @@ def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False)
                         *[x[n] for n in cache_names(spec, "past_key_values")]), {}
         dynamic = ({0: batch, 1: sequence}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: sequence},
                    tuple({0: batch, 2: past_len} for _ in range(2 * spec.layers)))
+    elif spec.input == "patches" and spec.interpolate_positions:  # any image of whole patches
+        rows, columns = torch.export.Dim("patch_rows", max=1024), torch.export.Dim("patch_columns", max=1024)
+        dynamic = {"pixel_values": {0: batch, 2: spec.patch_size * rows, 3: spec.patch_size * columns}}
     elif spec.input == "patches":
         dynamic = {"pixel_values": {0: batch}}
     else:
@@ -404,6 +413,11 @@ def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False)
 
             mask = program.model.graph.inputs[1]
             mask.shape = ir.Shape([mask.shape[0], "past_sequence + sequence"])
+        elif spec.input == "patches" and spec.interpolate_positions:  # optimum's names for the image axes
+            import onnx_ir as ir
+
+            pixels = program.model.graph.inputs[0]
+            pixels.shape = ir.Shape([pixels.shape[0], spec.num_channels, "height", "width"])
         return program
     except Exception as e:  # the exporter's own errors run to pages: keep the line that names the cause
         lines = [_ANSI.sub("", ln).strip() for ln in str(e).splitlines()]

@@ -220,7 +220,11 @@ def patch_positions(spec: Spec, table: Tensor, grid: tuple[int, int], seq: int) 
     prefix tokens' rows kept), as DINOv2's interpolate_pos_encoding; without it, the first ``seq`` rows."""
     prefix = spec.prefix_tokens
     side = math.isqrt(table.shape[0] - prefix)
-    if not spec.interpolate_positions or tuple(grid) == (side, side):
+    if not spec.interpolate_positions:
+        return table[:seq]
+    # an ONNX export takes any image size (the grid is symbolic then), so it always resamples: at the table's own
+    # grid, bicubic resampling gives the rows back exactly
+    if not torch.compiler.is_exporting() and tuple(grid) == (side, side):
         return table[:seq]
     dim = table.shape[-1]
     rows = table[prefix:].reshape(1, side, side, dim).permute(0, 3, 1, 2)

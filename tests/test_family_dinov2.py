@@ -241,3 +241,23 @@ def test_eval_of_the_bare_backbone_is_a_knn_probe_on_both_engines(tmp_path):
     onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=4)
     assert got["memory"] == 1024 and got["count"] == onnx_run["count"] == 64
     assert abs(got["accuracy"] - onnx_run["accuracy"]) <= 3 / 64 and got["accuracy"] > 0.3, (got, onnx_run)
+
+
+def test_onnx_takes_any_image_size_as_transformers_does(tmp_path):
+    """The exported graph has dynamic height and width (the position table resampled in the graph, as DINOv2's
+    interpolate_pos_encoding): validated at three sizes, and onnxruntime equals transformers at sizes never used."""
+    import onnxruntime as ort
+
+    from ligo_convert import export as ex
+
+    model = build(tmp_path, "Dinov2ForImageClassification")
+    report = ex.export_onnx(tmp_path / "src", tmp_path / "model.onnx")
+    assert report.ok, report.failure()
+    sizes = {tuple(c.shapes["pixel_values"][2:]) for c in report.checks}
+    assert {(16, 16), (12, 24), (32, 32)} <= sizes
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [type(d) for d in session.get_inputs()[0].shape[2:]] == [str, str]  # symbolic height and width
+    for size in ((20, 8), (28, 28)):
+        x = pixels(size, batch=3, seed=5)
+        got = session.run(["logits"], {"pixel_values": x.numpy()})[0]
+        assert max_diff(torch.from_numpy(got), reference(model, x)["logits"]) <= 1e-4, size
