@@ -87,7 +87,7 @@ def val_batches(spec: Spec, data=None, tokenizer_dir=None, batch_size: int = 16,
     held = 0
     for piece in pieces:
         pending.append(piece)
-        held += _rows(piece)
+        held += batch_rows(piece)
         while held >= batch_size:
             merged = _concat(pending)
             yield slice_batch(merged, 0, batch_size)
@@ -96,7 +96,8 @@ def val_batches(spec: Spec, data=None, tokenizer_dir=None, batch_size: int = 16,
         yield _concat(pending)
 
 
-def _rows(batch: dict) -> int:
+def batch_rows(batch: dict) -> int:
+    """The number of examples in a batch."""
     return len(next(v for k, v in batch.items() if k in FORWARD_KEYS))
 
 

@@ -90,8 +90,8 @@ def memory_batches(spec: Spec, data, tokenizer_dir, batch_size: int, seed: int, 
     for batch in stream:
         if taken >= MEMORY:
             break
-        batch = data_mod.slice_batch(batch, 0, min(data_mod._rows(batch), MEMORY - taken))
-        taken += data_mod._rows(batch)
+        batch = data_mod.slice_batch(batch, 0, min(data_mod.batch_rows(batch), MEMORY - taken))
+        taken += data_mod.batch_rows(batch)
         yield batch
     close = getattr(stream, "close", None)
     if close:
