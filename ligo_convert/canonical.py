@@ -138,7 +138,7 @@ def load(source, family: str | None = None, strict: bool = True, tower: str | No
     folder = resolve_source(source)
     config = read_config(folder)
     reader = TensorReader(folder)
-    comp = composite_of(config, family) if family is None or family in _composites() else None
+    comp = composite_of(config, family)  # None for a single model, or a family that is not a composite
     if comp is not None:
         family, config, reader = read_tower(comp, tower, folder, config, reader, strict)
     elif tower is not None:
@@ -176,12 +176,6 @@ def load(source, family: str | None = None, strict: bool = True, tower: str | No
     if strict:
         check_complete(model, descriptor)
     return model
-
-
-def _composites():
-    from .composite import load_composites
-
-    return load_composites()
 
 
 def check_complete(model: CanonicalModel, descriptor: Descriptor) -> None:

@@ -234,14 +234,14 @@ def convert_command(src, out, to, family, tower, dtype, shard_size, overwrite, a
     from .composite import composite_source, convert_composite
 
     parse_size(shard_size)  # a bad size is refused before anything is read
-    if tower is None and family is None and composite_source(src) is not None:
+    composite = composite_source(src) if tower is None and family is None else None
+    if composite is not None:
         if to is not None:
             raise LigoError(f"--to {to}: a composite checkpoint is written in its own layout; pass --tower to write "
                             f"one tower as its own model")
         path = convert_composite(src, out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite,
                                  shard_size=shard_size)
-        return _report_written(path, {"family": composite_source(src)[0].name, "source": str(src),
-                                      "dtype": dtype}, as_json)
+        return _report_written(path, {"family": composite[0].name, "source": str(src), "dtype": dtype}, as_json)
     model = load(src, family=family, tower=tower)
     # delay: no bar for quick writes; by the time it shows, save has set its total
     bar = tqdm(unit="tensor", desc="writing", file=sys.stderr, disable=None, leave=False, delay=0.5)

@@ -218,7 +218,7 @@ def tower_data(comp: Composite, data) -> dict:
     if data is None:
         return {}
     if isinstance(data, str):
-        items = [part for part in str(data).split(",") if part]
+        items = [part for part in data.split(",") if part]
         if not items or not all("=" in part for part in items):
             raise LigoError(f"--data {data}: a {comp.name} model has towers {', '.join(comp.tower_names)}; give each "
                             f"tower's data as {','.join(f'{n}=PATH' for n in comp.tower_names)}")

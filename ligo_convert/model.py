@@ -215,17 +215,15 @@ def embed(spec: Spec, w: Mapping[str, Tensor], input_ids=None, pixel_values=None
 
 
 def patch_positions(spec: Spec, table: Tensor, grid: tuple[int, int], seq: int) -> Tensor:
-    """The position rows for a patch grid of ``grid`` (rows, columns): the table's own rows where the grid is the
-    table's square one; else, with ``interpolate_positions``, the patch rows resampled bicubically in float32 (the
-    prefix tokens' rows kept), as DINOv2's interpolate_pos_encoding; without it, the first ``seq`` rows."""
-    prefix = spec.prefix_tokens
-    side = math.isqrt(table.shape[0] - prefix)
+    """The position rows for a patch grid of ``grid`` (rows, columns): with ``interpolate_positions`` the patch rows
+    resampled bicubically in float32 to the grid (the prefix tokens' rows kept), as DINOv2's
+    interpolate_pos_encoding; without it, the first ``seq`` rows."""
     if not spec.interpolate_positions:
         return table[:seq]
-    # an ONNX export takes any image size (the grid is symbolic then), so it always resamples: at the table's own
-    # grid, bicubic resampling gives the rows back exactly
-    if not torch.compiler.is_exporting() and tuple(grid) == (side, side):
-        return table[:seq]
+    prefix = spec.prefix_tokens
+    side = math.isqrt(table.shape[0] - prefix)
+    # always resampled, so an ONNX export takes any image size: at the table's own grid bicubic resampling gives the
+    # rows back exactly (the source points fall on the table's, weights 0, 1, 0, 0)
     dim = table.shape[-1]
     rows = table[prefix:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
     rows = F.interpolate(rows.float(), size=grid, mode="bicubic", align_corners=False).to(table.dtype)

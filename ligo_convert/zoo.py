@@ -51,7 +51,7 @@ def _entry(name: str, raw: dict, path) -> dict:
             raise ValueError(f"{where}: hub must be an 'org/name' id")
         return {"name": name, "family": raw["family"], "hub": raw["hub"], "notes": raw.get("notes", ""),
                 "towers": towers}
-    return {"name": name, "family": raw.get("family"), "hub": raw.get("hub"), **_sizes(where, raw, single=True)}
+    return {"name": name, **_sizes(where, raw, single=True)}
 
 
 def _sizes(where: str, raw: dict, single: bool = False) -> dict:
