@@ -69,8 +69,6 @@ class _OnnxRunner:
                 raise LigoError(f"the ONNX model wants input {name!r}, which the data does not give")
             else:
                 feed[name] = batch[name].numpy()
-        if "logits" in self.names:
-            return {"logits": torch.from_numpy(self.session.run(["logits"], feed)[0])}
         return {k: torch.from_numpy(v) for k, v in zip(self.keys, self.session.run(self.names, feed))}
 
 
