@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,8 @@ from ligo_convert import Spec, __version__, from_tensors, init_weights
 from ligo_convert.export import (CPU_DISABLED_FUSIONS, DEFAULT_OPSET, export_onnx, input_names,
                                  output_names)
 from ligo_convert.model import forward
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET = 0.8
 VIT = dict(width=384, heads=6, head_dim=64, mlp=1536, layers=12, input="patches", image_size=224, patch_size=16,
@@ -157,8 +160,20 @@ def main() -> int:
     parser.add_argument("--optimum-python", type=Path, default=OPTIMUM_PYTHON,
                         help="python of an environment with optimum-onnx (default: tox -e optimum's)")
     parser.add_argument("--layers", type=int, help="--vs-optimum: layers of every model (default: 12)")
+    parser.add_argument("--export-time", action="store_true", help="export wall time only: `ligo-convert export` "
+                        "(stitched from one traced block, and with the whole forward traced at once) against "
+                        "`optimum-cli export onnx`, each a fresh process, --repeats rounds alternated")
     args = parser.parse_args()
     args.threads = sorted(set(args.threads))
+    if args.export_time:
+        if not args.optimum_python.exists():
+            print(f"{args.optimum_python}: no optimum environment; make it with `tox -e optimum`", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:
+            res = export_times(args, Path(tmp))
+        if args.markdown:
+            write_export_times(args, res)
+        return 0
     if args.vs_optimum:
         if not args.optimum_python.exists():
             print(f"{args.optimum_python}: no optimum environment; make it with `tox -e optimum`", file=sys.stderr)
@@ -319,6 +334,89 @@ def optimum_worker(job: dict) -> dict:
             times.append(NEW_TOKENS / statistics.median(per[1:]))
         out["tok_s"] = dict(zip(map(str, job["threads"]), times))
     return out
+
+
+def timed_process(command: list[str], threads: int) -> float:
+    """Wall seconds of one fresh process (interpreter start, imports, reading, tracing, validation: what a user
+    waits for), with ``threads`` threads for every runtime in it."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(command[:4])}... failed: {run.stderr.strip().splitlines()[-3:]}")
+    return seconds
+
+
+def export_times(args, tmp: Path) -> list[tuple[str, dict[str, float], dict[str, list[float]]]]:
+    """Per model, the median wall time of each exporter over ``args.repeats`` rounds, the order turned round every
+    other round so background load falls on all alike."""
+    from ligo_convert import save
+
+    threads, out = max(args.threads), []
+    for label, fields, family, task, _ in VS_OPTIMUM:
+        folder = tmp / family
+        save(model(dict(fields, layers=args.layers or fields["layers"]), family), folder)
+        commands = {
+            "stitched": [sys.executable, "-m", "ligo_convert", "export", str(folder), "--out", str(tmp / "s.onnx"),
+                         "--overwrite"],
+            "single": [sys.executable, __file__, "--single-trace-worker", str(folder), str(tmp / "w.onnx")],
+            "optimum": [str(args.optimum_python), "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
+                        str(folder), "--task", task, str(tmp / "optimum")],
+        }
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        order = list(commands)
+        for r in range(args.repeats):
+            for name in order if r % 2 == 0 else order[::-1]:
+                for leftover in (tmp / "s.onnx", tmp / "w.onnx"):
+                    leftover.unlink(missing_ok=True)
+                shutil.rmtree(tmp / "optimum", ignore_errors=True)
+                times[name].append(timed_process(commands[name], threads))
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in medians.items()), flush=True)
+        out.append((label, medians, times))
+    return out
+
+
+def single_trace_worker(folder: str, out: str) -> int:
+    """``ligo-convert export`` with the whole forward traced at once (the exporter before stitching)."""
+    import functools
+
+    from ligo_convert import export
+    from ligo_convert.cli import main as cli
+
+    export.trace = functools.partial(export.trace, stitched=False)
+    return cli(["export", folder, "--out", out, "--overwrite"], standalone_mode=False) or 0
+
+
+def write_export_times(args, res) -> None:
+    layers = f" --layers {args.layers}" if args.layers else ""
+    lines = ["# ONNX export wall time: ligo-convert against optimum-onnx", "",
+             "```", f"python benchmarks/onnx_latency.py --export-time --repeats {args.repeats} --threads "
+             f"{max(args.threads)}{layers} --markdown {args.markdown}", "```", "",
+             f"{time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, onnxruntime {ort.__version__}, "
+             f"ligo-convert {__version__}; {max(args.threads)} threads in every process; load average "
+             f"{os.getloadavg()[0]:.1f} at the end. Each figure is the median wall time of {args.repeats} fresh "
+             "processes (interpreter start, imports, reading the folder, tracing, writing and validation — both "
+             "exporters validate with onnxruntime), the three commands alternated round by round. Folders: random "
+             "weights from configs (BERT-base-, GPT-2-small- with its key/value cache, ViT-B-sized).", "",
+             "- stitched: `ligo-convert export FOLDER --out FILE` (one block traced per kind of layer, copied per "
+             "layer)", "- single: the same command with the whole forward traced at once (the exporter before "
+             "stitching)", "- optimum: `optimum-cli export onnx --model FOLDER --task TASK DIR` (TorchScript "
+             "exporter)", "",
+             "| model | stitched (s) | single trace (s) | optimum-cli (s) | stitched ÷ optimum (≤ 1.0) | "
+             "single ÷ optimum | stitched ÷ single |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, m, _ in res:
+        lines.append(f"| {label} | {m['stitched']:.1f} | {m['single']:.1f} | {m['optimum']:.1f} | "
+                     f"{m['stitched'] / m['optimum']:.2f} | {m['single'] / m['optimum']:.2f} | "
+                     f"{m['stitched'] / m['single']:.2f} |")
+    lines += ["", "Every round (s): " + "; ".join(
+        f"{label} " + ", ".join(f"{k} {' / '.join(f'{x:.1f}' for x in v)}" for k, v in t.items())
+        for label, _, t in res), ""]
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text("\n".join(lines))
 
 
 def call_optimum(python: Path, job: dict) -> dict:
@@ -501,6 +599,8 @@ def write_vs_optimum(args, res: dict) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--single-trace-worker":
+        sys.exit(single_trace_worker(sys.argv[2], sys.argv[3]))
     if len(sys.argv) == 3 and sys.argv[1] == "--optimum-worker":
         print(json.dumps(optimum_worker(json.loads(sys.argv[2]))))
         sys.exit(0)

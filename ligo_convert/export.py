@@ -16,6 +16,10 @@ spec alone:
   past × head_dim, past 0 for the prefill); outputs ``logits`` and ``present.N.key`` / ``.value`` — the names optimum
   and transformers.js use, so one graph serves the prefill and every decoding step.
 
+A model of two or more layers is traced in pieces — the start, one block per kind of layer, the finish — and its
+graph written by copying the block once per layer (:mod:`ligo_convert.stitch`): the same floating-point ops as one
+trace of the whole forward, in a fraction of the time.
+
 Validation is always on: the written file is run with onnxruntime (CPU provider; also the CUDA provider when
 onnxruntime-gpu and a GPU are there) at several input shapes — batch 1, a batch and a sequence length not used at
 export — and compared with the fp32 PyTorch forward.  A cache graph is also run for a chunk of tokens after a past
@@ -43,13 +47,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import __version__, options
 from .canonical import CanonicalModel, load
 from .errors import LigoError
 from .model import empty_cache, forward, forward_cached, positions_of
 from .spec import Spec
+from .stitch import Held, trace_stitched
 from .threads import session_threads
 
 # 20, not the exporter's floor of 18: opset 20 has a Gelu op, so GELU is one node (which onnxruntime fuses with
@@ -216,29 +220,20 @@ def validation_shapes(spec: Spec) -> list[tuple[int, int | tuple[int, int] | Non
 # --- the traced module -----------------------------------------------------------------------------------------------
 
 
-class CanonicalModule(nn.Module):
+class CanonicalModule(Held):
     """The canonical forward as an ``nn.Module``: weights are (frozen) parameters under their canonical names, so the
     ONNX initializers the exporter keeps as they are carry those names too (``embed.tokens``; matrices it stores
     pre-transposed get generated names)."""
 
     def __init__(self, spec: Spec, weights: dict[str, torch.Tensor]):
-        super().__init__()
+        super().__init__(weights)
         self.spec = spec
-        self.names = list(weights)
         self.keys = output_keys(spec)
-        for name, tensor in weights.items():
-            *path, leaf = name.split(".")
-            module = self
-            for part in path:
-                if not hasattr(module, part):
-                    module.add_module(part, nn.Module())
-                module = getattr(module, part)
-            module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None):
-        w = {name: self.get_parameter(name) for name in self.names}
-        out = forward(self.spec, w, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                      token_type_ids=token_type_ids, attention="explicit")  # plain ONNX ops, fused by onnxruntime
+        out = forward(self.spec, self.weights(), input_ids=input_ids, pixel_values=pixel_values,
+                      attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      attention="explicit")  # plain ONNX ops, fused by onnxruntime
         return tuple(out[k] for k in self.keys)
 
 
@@ -247,9 +242,8 @@ class CachedModule(CanonicalModule):
     one flat (key, value, key, value, ...) tuple, the presents go out the same way after the logits."""
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        w = {name: self.get_parameter(name) for name in self.names}
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.spec.layers)]
-        logits, presents = forward_cached(self.spec, w, input_ids, attention_mask, position_ids, pairs)
+        logits, presents = forward_cached(self.spec, self.weights(), input_ids, attention_mask, position_ids, pairs)
         return (logits, *[t for kv in presents for t in kv])
 
 
@@ -380,15 +374,16 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False):
-    """torch.export -> ONNX, dynamic batch and sequence (and past length); returns the ``ONNXProgram``."""
+def trace_inputs(spec: Spec, cache: bool = False, dtype=torch.float32) -> tuple[tuple, dict, object]:
+    """What the exporter traces with: (args, kwargs, dynamic shapes) — dynamic batch and sequence (and past length;
+    image height and width where the model takes other sizes)."""
     batch = torch.export.Dim("batch")
     seq_len = EXPORT_SEQ if max_sequence(spec) is None else min(EXPORT_SEQ, max_sequence(spec))
     args, kwargs = (), example_inputs(spec, EXPORT_BATCH, seq_len)
     if cache:
         # the mask spans past + new: its length is left to torch.export (Dim.AUTO), which finds that relation
         new, past = CACHE_EXAMPLE
-        x = cache_inputs(spec, EXPORT_BATCH, new, past, dtype=next(module.parameters()).dtype)
+        x = cache_inputs(spec, EXPORT_BATCH, new, past, dtype=dtype)
         sequence, past_len = torch.export.Dim("sequence"), torch.export.Dim("past_sequence")
         args, kwargs = (x["input_ids"], x["attention_mask"], x["position_ids"],
                         *[x[n] for n in cache_names(spec, "past_key_values")]), {}
@@ -402,28 +397,83 @@ def _trace(module: CanonicalModule, spec: Spec, opset: int, cache: bool = False)
     else:
         sequence = torch.export.Dim("sequence", max=max_sequence(spec) or 2**20)
         dynamic = {name: {0: batch, 1: sequence} for name in kwargs}
+    return args, kwargs, dynamic
+
+
+@contextlib.contextmanager
+def exporter_errors():
+    """The exporter's own errors run to pages: keep the line that names the cause, as a LigoError."""
     try:
         with _quiet():
-            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                        input_names=input_names(spec, cache), output_names=output_names(spec, cache),
-                                        dynamic_shapes=dynamic, verbose=False, optimize=False)
-            tidy(program.model)
-        if cache:  # name the mask's length for what it is
-            import onnx_ir as ir
-
-            mask = program.model.graph.inputs[1]
-            mask.shape = ir.Shape([mask.shape[0], "past_sequence + sequence"])
-        elif spec.input == "patches" and spec.interpolate_positions:  # optimum's names for the image axes
-            import onnx_ir as ir
-
-            pixels = program.model.graph.inputs[0]
-            pixels.shape = ir.Shape([pixels.shape[0], spec.num_channels, "height", "width"])
-        return program
-    except Exception as e:  # the exporter's own errors run to pages: keep the line that names the cause
+            yield
+    except Exception as e:
         lines = [_ANSI.sub("", ln).strip() for ln in str(e).splitlines()]
         cause = next((ln for ln in lines if ln.startswith("<class '")), None) or \
             f"{type(e).__name__}: {next((ln for ln in lines if ln), '')}"
         raise LigoError(f"the ONNX exporter cannot take this model ({cause[:300]})") from None
+
+
+def name_axes(model, spec: Spec, cache: bool) -> None:
+    """Axis names torch.export cannot give: the cache mask's length, optimum's names for the image axes."""
+    import onnx_ir as ir
+
+    if cache:
+        mask = model.graph.inputs[1]
+        mask.shape = ir.Shape([mask.shape[0], "past_sequence + sequence"])
+        for present in model.graph.outputs[1:]:
+            present.shape = ir.Shape([present.shape[0], present.shape[1], "past_sequence + sequence",
+                                      present.shape[3]])
+    elif spec.input == "patches" and spec.interpolate_positions:
+        pixels = model.graph.inputs[0]
+        pixels.shape = ir.Shape([pixels.shape[0], spec.num_channels, "height", "width"])
+
+
+_REGISTRIES: dict = {}
+
+
+@contextlib.contextmanager
+def _one_registry():
+    """``torch.onnx.export`` builds its table of ATen -> ONNX functions on every call (2-3 s on this CPU); a model
+    traced in pieces makes several calls, and a process may export several files, so they share the first table
+    made for each opset (no custom ops are ever registered in it).  Where torch's internals differ, nothing is
+    cached."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        owner = _registration.ONNXRegistry
+        original = owner.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def shared(cls, opset_version=_registration._constants.TORCHLIB_OPSET):
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = original.__func__(cls, opset_version)
+        return _REGISTRIES[opset_version]
+
+    owner.from_torchlib = classmethod(shared)
+    try:
+        yield
+    finally:
+        owner.from_torchlib = original
+
+
+def trace(spec: Spec, weights: dict[str, torch.Tensor], opset: int, cache: bool = False, stitched: bool = True):
+    """torch.export -> ONNX, tidied; returns the ``onnx_ir`` model.  ``stitched``: from one traced block per kind of
+    layer, copied per layer (:mod:`ligo_convert.stitch`; models of 2 or more layers), else one trace of the whole
+    forward — the same ops either way."""
+    with exporter_errors(), _one_registry():
+        if stitched and spec.layers > 1:
+            model = trace_stitched(spec, weights, opset, cache)
+        else:
+            module = (CachedModule if cache else CanonicalModule)(spec, weights).eval()
+            args, kwargs, dynamic = trace_inputs(spec, cache, next(iter(weights.values())).dtype)
+            model = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                      input_names=input_names(spec, cache), output_names=output_names(spec, cache),
+                                      dynamic_shapes=dynamic, verbose=False, optimize=False).model
+        tidy(model)
+    name_axes(model, spec, cache)
+    return model
 
 
 def tidy(model) -> None:
@@ -444,11 +494,11 @@ def tidy(model) -> None:
         common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass())(model)
 
 
-def _write(program, out: Path, meta: dict[str, str], data_name: str | None) -> None:
+def _write(model, out: Path, meta: dict[str, str], data_name: str | None) -> None:
     import onnx_ir as ir
 
-    program.model.metadata_props.update(meta)
-    ir.save(program.model, out, external_data=data_name)
+    model.metadata_props.update(meta)
+    ir.save(model, out, external_data=data_name)
 
 
 # onnxruntime's graph fusions that make single-threaded CPU inference slower (onnxruntime 1.32): SkipLayerNormFusion
@@ -785,15 +835,13 @@ def trace_and_write(plan: ExportPlan, reference: dict[str, torch.Tensor], path: 
     torch_dtype = DTYPES[plan.dtype]
     weights = reference if torch_dtype == torch.float32 else {k: v.to(torch_dtype) for k, v in reference.items()}
     start = time.perf_counter()
-    module = (CachedModule if plan.cache else CanonicalModule)(plan.spec, weights).eval()
-    program = _trace(module, plan.spec, plan.opset, plan.cache)
+    model = trace(plan.spec, weights, plan.opset, plan.cache)
     # measured on the graph, not the weights: the exporter may fold a transposed copy of a tied matrix into it
-    nbytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
-                 if v.const_value is not None)
+    nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     data_name = large_data_name if nbytes >= EXTERNAL_DATA_THRESHOLD else None
     temporary += [path] + ([path.parent / data_name] if data_name else [])
-    _write(program, path, meta, data_name)
-    del program
+    _write(model, path, meta, data_name)
+    del model
     seconds = time.perf_counter() - start
     if log:
         log(f"exported {shown or path.name} ({plan.dtype}, opset {plan.opset}) in {seconds:.1f} s; validating with "

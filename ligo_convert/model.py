@@ -406,14 +406,15 @@ def sublayer_output(spec: Spec, w: Mapping[str, Tensor], p: str, which: str, sub
 
 def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
             attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None, *,
-            layer_weights: Callable[[int], Mapping[str, Tensor]] | None = None, checkpoint: bool = False,
+            layer_weights: Callable[[int], Mapping[str, Tensor]] | None = None, checkpoint: bool | str = False,
             attention: str = "sdpa", lazy_logits: bool = False) -> dict[str, Tensor]:
     """Run the model.  Returns ``hidden`` (last hidden state, after the final norm), and where the spec has them
     ``pooled``, ``logits`` (classifier, MLM or LM; a per-token binary head's (B, T)) and ``pair_logits``.
 
     ``layer_weights(i)`` gives block i's weights when it runs (default: they are in ``w``); with ``checkpoint`` each
     block runs under non-reentrant activation checkpointing, so its weights and activations are made again in the
-    backward instead of being kept.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the module docstring).
+    backward instead of being kept; ``checkpoint="selective"`` keeps the outputs of its matrix products
+    (:data:`KEPT_OPS`) and makes only the cheap ops again.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the module docstring).
     ``lazy_logits``: an LM/MLM head returns ``decode`` (hidden rows -> vocabulary logits) instead of ``logits``, so
     a loss can decode only the predicted places, a chunk at a time (``objectives.task_terms``)."""
     if attention not in ATTENTION:
@@ -424,10 +425,30 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
             return block(spec, layer_weights(i) if layer_weights else w, i, x, ctx, attention)
 
         if checkpoint and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(run_block, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(run_block, x, use_reentrant=False,
+                                                  **({"context_fn": keep_products} if checkpoint == "selective"
+                                                     else {}))
         else:
             x = run_block(x)
     return finish(spec, w, x, lazy_logits, input_ids)
+
+
+# What a selective checkpoint keeps for the backward: the outputs of the matrix products (most of a block's FLOPs,
+# weights and attention alike); norms, activations, softmax and elementwise ops are made again from them.
+KEPT_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name))
+
+
+def _keep_products_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_products():
+    """``context_fn`` of a selective activation checkpoint (:data:`KEPT_OPS` kept, the rest recomputed)."""
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_keep_products_policy)
 
 
 def forward_many(spec: Spec, w: Mapping[str, Tensor], batches: list[dict],
@@ -470,6 +491,17 @@ def forward_cached(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor, atten
 
     The cache index is the key's place in time: causality and sliding windows count in it, as transformers' caches
     do, while positions (rotary angles, learned rows) come from ``position_ids``, so left-padded rows stay exact."""
+    x, ctx = start_cached(spec, w, input_ids, attention_mask, position_ids)
+    caches = [KV(k, v) for k, v in past]
+    for i in range(spec.layers):
+        x = block(spec, w, i, x, ctx, attention, caches[i])
+    return finish(spec, w, x)["logits"], [(c.key, c.value) for c in caches]
+
+
+def start_cached(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
+                 position_ids: Tensor) -> tuple[Tensor, Context]:
+    """:func:`start` for a step with a key/value cache: the new tokens embedded at their positions, and the biases
+    over past + new keys."""
     x = embed(spec, w, input_ids, attention_mask=attention_mask, position_ids=position_ids)
     seq, dtype = input_ids.shape[1], x.dtype
     rotary_positions = spec.positions == "rotary"
@@ -479,10 +511,7 @@ def forward_cached(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor, atten
         ctx = ctx._replace(window_bias=cached_bias(attention_mask, seq, dtype, spec.sliding_window),
                            window_rope=rotary_at(spec, position_ids, dtype, spec.rope_local_theta)
                            if rotary_positions else None)
-    caches = [KV(k, v) for k, v in past]
-    for i in range(spec.layers):
-        x = block(spec, w, i, x, ctx, attention, caches[i])
-    return finish(spec, w, x)["logits"], [(c.key, c.value) for c in caches]
+    return x, ctx
 
 
 def cached_bias(attention_mask: Tensor, seq: int, dtype, window: int = 0) -> Tensor:

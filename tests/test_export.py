@@ -485,3 +485,53 @@ def test_single_threaded_cpu_sessions_leave_out_the_slow_fusion(tmp_path):
 
     assert "SkipLayerNormalization" not in ops_after_optimisation(1)
     assert "SkipLayerNormalization" in ops_after_optimisation(2)
+
+
+# --- deep models from one traced block ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, cache, traces", [
+    ("gpt2", True, 3),     # start, one block for both layers, finish
+    ("qwen3", True, 4),    # layer 0 full attention, layer 1 windowed: one block of each kind
+    ("dinov2", False, 3),  # images of any size: the patch grid's axes follow height and width
+    ("clip-text", False, 3),  # pooled at the end-of-text token: the finish reads input_ids
+])
+def test_stitched_graph_is_the_single_trace(tmp_path, monkeypatch, case, cache, traces):
+    """The exporter traces one block per kind of layer and copies it per layer: the graph computes what one trace
+    of the whole forward computes (the same ops, the same outputs at shapes not used at export)."""
+    from ligo_convert import stitch
+
+    _, src = build(tmp_path, case)
+    model = load(src)
+    weights = model.materialize(torch.float32)
+    calls = []
+    export_piece = stitch._export
+    monkeypatch.setattr(stitch, "_export", lambda *a, **k: calls.append(1) or export_piece(*a, **k))
+    stitched = ex.trace(model.spec, weights, ex.DEFAULT_OPSET, cache)
+    assert len(calls) == traces
+    single = ex.trace(model.spec, weights, ex.DEFAULT_OPSET, cache, stitched=False)
+    assert [(v.name, str(v.shape)) for v in stitched.graph.inputs] == \
+        [(v.name, str(v.shape)) for v in single.graph.inputs]
+    assert [(v.name, str(v.shape)) for v in stitched.graph.outputs] == \
+        [(v.name, str(v.shape)) for v in single.graph.outputs]
+
+    def compute_ops(m):  # each traced piece reads its input's shape again: a few more integer ops when stitched
+        return sorted(n.op_type for n in m.graph if any(o.dtype and o.dtype.is_floating_point() for o in n.outputs))
+
+    assert len(compute_ops(single)) > 10 * model.spec.layers and compute_ops(stitched) == compute_ops(single)
+    import onnx_ir as ir
+
+    sessions = []
+    for name, m in (("stitched", stitched), ("single", single)):
+        ir.save(m, tmp_path / f"{name}.onnx")
+        sessions.append(ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]))
+    spec = model.spec
+    for batch, seq in [(1, 5), (3, 11)]:
+        if cache:
+            feed = ex.cache_inputs(spec, batch, seq, past=4, pad_left=2)
+        elif spec.input == "patches":
+            feed = ex.example_inputs(spec, batch, (spec.image_size + spec.patch_size, spec.image_size))
+        else:
+            feed = ex.example_inputs(spec, batch, seq)
+        feed = {k: v.numpy() for k, v in feed.items()}
+        for a, b in zip(*(s.run(None, feed) for s in sessions)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

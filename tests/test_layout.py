@@ -176,7 +176,7 @@ def test_existing_folder_is_refused_before_work(tmp_path, bert, monkeypatch):
     out = tmp_path / "hub"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    monkeypatch.setattr(ex, "_trace", lambda *a, **k: pytest.fail("traced before refusing"))
+    monkeypatch.setattr(ex, "trace", lambda *a, **k: pytest.fail("traced before refusing"))
     for extra in ([], ["--validate-only"]):
         result = CliRunner().invoke(main, ["export", str(bert), "--out", str(out), "--layout", "hub", *extra])
         assert result.exit_code == 2, result.output
