@@ -66,7 +66,7 @@ SIZES = {  # source (layers, width, heads, mlp), target width/heads/mlp, target 
                   batch=2, seq=32, pairs=2, threads=1),
 }
 VARIANTS = ("per-layer", "shared")
-MODES = ("layers", "full")
+MODES = ("layers", "selective", "full")
 FIT_STEPS = 2
 TARGET_SHARED, TARGET_FLOOR, TARGET_GROWTH, TARGET_STEP = 1.0, 1.5, 0.25, 1.5
 GROWTH_FORMULA = "(peak24 - peak12 - (floor24 - floor12)) / peak12"
@@ -270,7 +270,8 @@ def step_ratios(size: dict, threads: int, batch_size: int, dense_too: bool = Fal
     op_opt = torch.optim.AdamW(op.param_groups(1e-2), eps=1e-6)
     plain = {k: v.requires_grad_(True) for k, v in init_weights(target, seed=1).items()}
     plain_opt = torch.optim.AdamW(plain.values(), lr=1e-4, eps=1e-6)
-    models = {"streamed": GrowingModel(op, stream=True), "full": GrowingModel(op, stream=False)}
+    models = {"streamed": GrowingModel(op, stream=True), "selective": GrowingModel(op, stream="selective"),
+              "full": GrowingModel(op, stream=False)}
     if dense_too:  # the path before layer factors: every grown matrix formed densely (``layer_weights``)
         for name, stream in (("streamed-dense", True), ("full-dense", False)):
             models[name] = (lambda stream: lambda **x: forward(
@@ -324,17 +325,18 @@ def verdicts(rows: list[dict]) -> list[str]:
         return f" [full: {fn(r):.2f}]" if r else ""
 
     for r in rows:
-        if r["mode"] != "layers":
+        if r["mode"] not in ("layers", "selective"):
             continue
         key = (r["layers"], r["variant"], "full")
+        label = r["variant"] + (" (selective)" if r["mode"] == "selective" else "")
         if r["variant"] == "shared":
             ratio = r["peak_mb"] / r["target_mb"]
-            out.append(f"shared, {r['layers']} layers: peak / target fp32 = {ratio:.2f} (target <= {TARGET_SHARED}: "
+            out.append(f"{label}, {r['layers']} layers: peak / target fp32 = {ratio:.2f} (target <= {TARGET_SHARED}: "
                        f"{'pass' if ratio <= TARGET_SHARED else 'FAIL'})"
                        + note(key, lambda x: x["peak_mb"] / x["target_mb"]))
         else:
             ratio = r["peak_mb"] / r["floor_mb"]
-            out.append(f"per-layer, {r['layers']} layers: peak / floor = {ratio:.2f} (target <= {TARGET_FLOOR}: "
+            out.append(f"{label}, {r['layers']} layers: peak / floor = {ratio:.2f} (target <= {TARGET_FLOOR}: "
                        f"{'pass' if ratio <= TARGET_FLOOR else 'FAIL'})"
                        + note(key, lambda x: x["peak_mb"] / x["floor_mb"]))
     counts = sorted({r["layers"] for r in rows})
@@ -346,11 +348,13 @@ def verdicts(rows: list[dict]) -> list[str]:
                 a, b = by.get((lo, variant, mode)), by.get((hi, variant, mode))
                 if a and b:
                     growth[mode] = (b["peak_mb"] - a["peak_mb"] - (b["floor_mb"] - a["floor_mb"])) / a["peak_mb"]
-            if "layers" in growth:
-                g = growth["layers"]
+            for mode in ("layers", "selective"):
+                if mode not in growth:
+                    continue
+                g = growth[mode]
                 formula = GROWTH_FORMULA.replace("24", str(hi)).replace("12", str(lo))
-                out.append(f"{variant}, {lo} -> {hi} layers: {formula} = {g:+.3f} (target <= {TARGET_GROWTH}: "
-                           f"{'pass' if g <= TARGET_GROWTH else 'FAIL'})"
+                out.append(f"{variant}{' (selective)' if mode == 'selective' else ''}, {lo} -> {hi} layers: "
+                           f"{formula} = {g:+.3f} (target <= {TARGET_GROWTH}: {'pass' if g <= TARGET_GROWTH else 'FAIL'})"
                            + (f" [full: {growth['full']:+.3f}]" if "full" in growth else ""))
     return out
 
@@ -361,7 +365,8 @@ def step_line(s: dict) -> str:
             f"{s['plain_s']:.2f} s; pairs {s['streamed_range'][0]:.2f}-{s['streamed_range'][1]:.2f}), full "
             f"{s['full_ratio']:.2f} ({s['full_s']:.2f} s; pairs {s['full_range'][0]:.2f}-{s['full_range'][1]:.2f}); "
             f"target <= {TARGET_STEP} streamed: {'pass' if s['streamed_ratio'] <= TARGET_STEP else 'FAIL'}"
-            + "".join(f"; {k} {s[k + '_ratio']:.2f} ({s[k + '_s']:.2f} s)" for k in ("streamed-dense", "full-dense")
+            + "".join(f"; {k} {s[k + '_ratio']:.2f} ({s[k + '_s']:.2f} s)" for k in ("selective", "streamed-dense",
+                                                                                      "full-dense")
                       if k + "_ratio" in s) + f" [{s['threads']} thread(s), {s['clock']} time]")
 
 
@@ -419,7 +424,8 @@ def markdown(size, rows, baseline, steps, lines, command, threads, wall) -> str:
     return "\n".join(md)
 
 
-STEP_LABELS = (("streamed", "streamed (`stream=True`, checkpointed)"), ("full", "full (`stream=False`)"),
+STEP_LABELS = (("streamed", "streamed (`stream=True`, checkpointed)"),
+               ("selective", "streamed, products kept (`stream=\"selective\"`)"), ("full", "full (`stream=False`)"),
                ("streamed-dense", "streamed, dense layer weights (before)"),
                ("full-dense", "full, dense layer weights (before)"))
 
@@ -441,7 +447,8 @@ def step_markdown(steps: list[dict], title: str = "## One fitting step / one pla
         for k, label in STEP_LABELS:
             if k + "_ratio" not in st:
                 continue
-            verdict = ("pass" if st[k + "_ratio"] <= TARGET_STEP else "FAIL") if k == "streamed" else "–"
+            verdict = ("pass" if st[k + "_ratio"] <= TARGET_STEP else "FAIL") if k in ("streamed", "selective") \
+                else "–"
             md.append(f"| {st['batch']} x {st['seq']} ({st['batch'] * st['seq']}) | {label} | {st[k + '_s']:.2f} | "
                       f"{st['plain_s']:.2f} | **{st[k + '_ratio']:.2f}** | {st[k + '_range'][0]:.2f} - "
                       f"{st[k + '_range'][1]:.2f} | {verdict} |")

@@ -77,7 +77,9 @@ LIGO_INITS = tuple(LIGO_INIT_NOTES)
                    "for LLaMA-style decoders), the layout transformers.js and optimum load.")
 @click.option("--materialize", type=click.Choice(STREAM_CHOICES), default="auto", show_default=True,
               help="layers: make the target a layer at a time under activation checkpointing (memory flat in depth); "
-                   "full: keep every layer for the backward (faster for small models); auto: layers for targets of "
+                   "selective: the same, but keep each layer's matrix products for the backward (less recomputation, "
+                   "more memory per layer); full: keep every layer for the backward (faster for small models); auto: "
+                   "layers for targets of "
                    f"{STREAM_ABOVE_BYTES // 2**20} MB or more.  Same result either way.")
 @click.option("--parallel", type=click.Choice(PARALLEL), default="ddp", show_default=True,
               help="Under torchrun: ddp replicates the operator; fsdp shards the operator and the frozen source.")

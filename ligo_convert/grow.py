@@ -37,7 +37,7 @@ from .exprs import Unresolved, evaluate
 from .growth import baselines
 from .growth import init as inits
 from .growth.fit import (DEFAULT_LR, DEFAULT_STEPS, PARALLEL, GrowingModel, Teacher, choose_stream, distributed,
-                          evaluate_loss, fit, resolve_device, world)
+                          evaluate_loss, fit, resolve_device, stream_name, world)
 from .growth.operator import LigoOperator, check_growable
 from .memory import release_freed_memory
 from .objectives import choose_objective, head_misfit
@@ -224,7 +224,7 @@ class GrowPlan:
     family: str
     method_info: dict
     out: Path | None
-    stream: bool
+    stream: bool | str  # growth.fit.choose_stream's answer
     options: GrowOptions
     written_eps: float | None = None  # --allow-eps-change: the family's norm epsilon the file gets instead
     started: float = field(default_factory=time.perf_counter)
@@ -272,8 +272,9 @@ def grow(source, target: str | None = None, *, layers: int | None = None, width:
     fitting), then writes the grown model to ``out`` (``write=False``: only return it).  ``method`` picks a baseline
     instead of LiGO (``stack``, ``interpolate``, ``net2net``, ``aki``, ``lemon``, ``scratch``: no operator, no
     fitting); ``init`` starts the LiGO operator from one of those methods' expansions.  ``materialize``: ``layers``
-    makes the target a layer at a time under activation checkpointing, ``full`` keeps every layer for the backward,
-    ``auto`` streams large targets (both give the same result).  ``parallel``: ``ddp`` or ``fsdp`` under torchrun.
+    makes the target a layer at a time under activation checkpointing, ``selective`` too but keeps each layer's
+    matrix products for the backward, ``full`` keeps every layer for the backward, ``auto`` streams large targets
+    (every mode gives the same result).  ``parallel``: ``ddp`` or ``fsdp`` under torchrun.
     ``workers``/``text_column`` go to the data loader.  ``allow_eps_change``: an output family that fixes the norm
     epsilon (timm's ViT) takes the model with its own; fitting and validation use the model's, and the output
     difference the change causes is measured into conversion.json.  A composite source (CLIPModel) grows every
@@ -374,7 +375,7 @@ def initialise(plan: GrowPlan, dev: torch.device) -> Growth:
                        {"depth": o.depth_init, "width": o.width_init, "noise": o.noise}),
               "source_spec": _sizes(src.spec), "target_spec": _sizes(spec_t),
               "operator_parameters": op.operator_parameter_count(), "seed": o.seed,
-              "materialize": "layers" if plan.stream else "full", "steps": 0}
+              "materialize": stream_name(plan.stream), "steps": 0}
     if o.operator is not None:
         meta = op.load(o.operator)
         report.update({"operator_file": str(o.operator), "fitted_with": {k: meta.get(k) for k in (

@@ -26,14 +26,15 @@ def test_fit_scale_quick_measures_every_case(tmp_path):
     out = run(str(ROOT / "benchmarks" / "fit_scale.py"), "--quick", "--markdown", str(md), "--json", str(raw),
               cwd=tmp_path).stdout
     # every target printed with its verdict, and the step ratio
-    assert out.count("peak / floor = ") == 2 and out.count("peak / target fp32 = ") == 2
-    assert out.count("(peak8 - peak4 - (floor8 - floor4)) / peak4 = ") == 2
-    assert "fitting step / plain step" in out and "streamed" in out and "full" in out
+    # (streamed, and streamed keeping the products)
+    assert out.count("peak / floor = ") == 4 and out.count("peak / target fp32 = ") == 4
+    assert out.count("(peak8 - peak4 - (floor8 - floor4)) / peak4 = ") == 4
+    assert "fitting step / plain step" in out and "streamed" in out and "full" in out and "selective" in out
     data = json.loads(raw.read_text())
     rows = data["rows"]
     assert {(r["layers"], r["variant"], r["mode"]) for r in rows} == {
         (layers, variant, mode) for layers in (4, 8) for variant in ("per-layer", "shared")
-        for mode in ("layers", "full")}
+        for mode in ("layers", "selective", "full")}
     for r in rows:
         # a grow process holds at least torch and the package, and every phase was seen
         assert r["peak_mb"] > data["baseline_mb"]["import"] > 50
@@ -44,11 +45,12 @@ def test_fit_scale_quick_measures_every_case(tmp_path):
     per_layer = {r["layers"]: r["operator"] for r in rows if r["variant"] == "per-layer"}
     assert per_layer[8] > per_layer[4] > shared[4]
     steps = data["steps"][0]
-    assert all(math.isfinite(steps[k]) and steps[k] > 0 for k in ("streamed_ratio", "full_ratio", "plain_s"))
+    assert all(math.isfinite(steps[k]) and steps[k] > 0 for k in ("streamed_ratio", "selective_ratio", "full_ratio",
+                                                                      "plain_s"))
     text = md.read_text()
     assert text.startswith("# Fitting at scale") and "python benchmarks/fit_scale.py --quick" in text
     for variant in ("per-layer", "shared"):
-        for mode in ("layers", "full"):
+        for mode in ("layers", "selective", "full"):
             assert f"| {variant} | {mode} |" in text
     assert "(peak24 - peak12 - (floor24 - floor12)) / peak12" in text and "| 8-shared-full |" in text
     assert "streamed (`stream=True`, checkpointed)" in text

@@ -21,7 +21,7 @@ from ligo_convert import data as data_mod
 from ligo_convert import forward, from_tensors, init_weights, save
 from ligo_convert.descriptors import load_descriptors
 from ligo_convert.grow import grow
-from ligo_convert.growth.fit import GrowingModel, choose_stream, fit
+from ligo_convert.growth.fit import GrowingModel, choose_stream, fit, stream_name
 from ligo_convert.growth.operator import LEARN, LigoOperator
 from ligo_convert.growth.pretrain import micro_spec
 from ligo_convert.model import Chain, Factored
@@ -102,12 +102,13 @@ def test_streamed_and_full_fitting_agree(family, spec, shared):
     op = LigoOperator(spec, target, init_weights(spec, seed=1), shared_width=shared)
     batch = batch_for(target)
     full_loss, full_grads = loss_and_grads(op, target, batch, stream=False)
-    streamed_loss, streamed_grads = loss_and_grads(op, target, batch, stream=True)
-    assert torch.isfinite(full_loss)
-    assert max_diff(full_loss, streamed_loss) <= 1e-6
-    assert full_grads.keys() == streamed_grads.keys() and full_grads
-    for name, g in full_grads.items():
-        assert max_diff(g, streamed_grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), name
+    assert torch.isfinite(full_loss) and full_grads
+    for stream in (True, "selective"):  # every layer recomputed; only the cheap ops recomputed
+        streamed_loss, streamed_grads = loss_and_grads(op, target, batch, stream=stream)
+        assert max_diff(full_loss, streamed_loss) <= 1e-6
+        assert full_grads.keys() == streamed_grads.keys()
+        for name, g in full_grads.items():
+            assert max_diff(g, streamed_grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), (stream, name)
 
 
 def dense_loss_and_grads(op, spec, batch):
@@ -287,6 +288,44 @@ def test_auto_streams_large_targets_only():
     assert choose_stream(small, "auto") is False
     assert choose_stream(small.replace(layers=24, width=1024, heads=16, mlp=4096, vocab_size=50257), "auto") is True
     assert choose_stream(small, "layers") is True and choose_stream(small.replace(layers=48), "full") is False
+    assert choose_stream(small, "selective") == "selective"
+    assert [stream_name(choose_stream(small, m)) for m in ("layers", "selective", "full")] == \
+        ["layers", "selective", "full"]
+
+
+def count_products(run) -> int:
+    """How many matrix products (model.KEPT_OPS) ``run()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ligo_convert.model import KEPT_OPS
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in KEPT_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.n
+
+
+def test_a_selective_checkpoint_makes_no_product_again():
+    """The backward of a selective checkpoint runs as many matrix products as the full path's (none recomputed);
+    the plain checkpoint's runs each layer's forward products again."""
+    spec = small_spec("llama", heads=4, head_dim=4, kv_heads=2)
+    target = target_of(spec)
+    op = LigoOperator(spec, target, init_weights(spec, seed=1))
+    batch = batch_for(target)
+    counts = {}
+    for stream in (False, "selective", True):
+        out = {}
+        forward_products = count_products(lambda: out.update(loss=GrowingModel(op, stream)(
+            **data_mod.model_inputs(batch))["hidden"].square().mean()))
+        counts[stream] = forward_products, count_products(lambda: out["loss"].backward())
+    assert counts[False][0] == counts["selective"][0] == counts[True][0]  # the same forward
+    assert counts["selective"][1] == counts[False][1] < counts[True][1]
 
 
 @pytest.fixture(scope="module")
@@ -300,13 +339,14 @@ def gpt2_source(tmp_path_factory):
 @pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared"])
 def test_streamed_grow_writes_the_same_files_as_the_full_path(tmp_path, gpt2_source, shared):
     outs = {}
-    for mode in ("full", "layers"):
+    for mode in ("full", "layers", "selective"):
         result = grow(gpt2_source, layers=3, width=32, steps=4, batch_size=4, seq_len=16, eval_batches=1,
                       materialize=mode, shared_width=shared, out=tmp_path / mode, device="cpu")
         assert result.report["materialize"] == mode
         outs[mode] = result
-    assert_same_files(tmp_path / "full", tmp_path / "layers")
-    assert outs["full"].report["loss_final"] == outs["layers"].report["loss_final"]
+    for mode in ("layers", "selective"):
+        assert_same_files(tmp_path / "full", tmp_path / mode)
+        assert outs["full"].report["loss_final"] == outs[mode].report["loss_final"]
 
 
 def test_writing_reads_one_tensor_at_a_time(tmp_path, gpt2_source, monkeypatch):

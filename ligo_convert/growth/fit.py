@@ -9,7 +9,9 @@ non-reentrant activation checkpointing, so the backward makes its weights and ac
 them: peak memory is then the source + the operator and its optimizer state + about one target layer + the
 activations at layer boundaries.  Both modes run the same arithmetic in the same order (the recomputation repeats the
 forward exactly), so they give the same losses, gradients and operators bit for bit on the CPU; streaming only trades
-one more forward per step for memory.  ``stream="auto"`` streams targets of ``STREAM_ABOVE_BYTES`` or more.
+one more forward per step for memory.  ``stream="selective"`` streams too but keeps each block's matrix products
+(``model.KEPT_OPS``) for the backward, which then makes only the cheap ops again (selective activation checkpointing).
+``--materialize auto`` streams targets of ``STREAM_ABOVE_BYTES`` or more.
 
 Data-parallel: when ``torch.distributed`` is initialised, every rank draws the same global batch, keeps its own
 slice, and the operator is wrapped in DistributedDataParallel.  Each rank divides its summed loss by the global
@@ -46,25 +48,34 @@ CLIP = 1.0
 # the backward costs little memory and saves the second forward (a fixed size, not the free memory: the same command
 # makes the same choice on every machine).
 STREAM_ABOVE_BYTES = 256 * 2**20
-STREAM_CHOICES = ("auto", "layers", "full")
+STREAM_CHOICES = ("auto", "layers", "selective", "full")
+# how each mode runs the blocks: model.forward's ``checkpoint``
+_CHECKPOINT = {"layers": True, "selective": "selective", "full": False}
 PARALLEL = ("ddp", "fsdp")
 
 
-def choose_stream(target: Spec, choice: str = "auto") -> bool:
-    """True to stream the fitting layer by layer under checkpointing (``layers``), False to keep every layer for the
-    backward (``full``); ``auto`` decides by the target's size."""
+def choose_stream(target: Spec, choice: str = "auto") -> bool | str:
+    """True to stream the fitting layer by layer under checkpointing (``layers``), ``"selective"`` to stream but keep
+    each block's matrix products for the backward (only norms, activations and softmax are made again: less
+    recomputation for the products' outputs in memory, per layer), False to keep every layer for the backward
+    (``full``); ``auto`` decides by the target's size (``layers`` or ``full``)."""
     if choice not in STREAM_CHOICES:
         raise LigoError(f"unknown --materialize {choice!r}; choose one of {', '.join(STREAM_CHOICES)}")
     if choice == "auto":
         return target.parameter_count() * 4 >= STREAM_ABOVE_BYTES
-    return choice == "layers"
+    return _CHECKPOINT[choice]
+
+
+def stream_name(stream: bool | str) -> str:
+    """The ``--materialize`` name of a :func:`choose_stream` answer (what growth.json records)."""
+    return next(name for name, mode in _CHECKPOINT.items() if mode == stream and type(mode) is type(stream))
 
 
 class GrowingModel(torch.nn.Module):
     """The target model as the operator makes it: ``forward(batch inputs)`` runs the canonical forward with each
     block's weights made when it runs (and, with ``stream``, again in the backward).  What DDP and FSDP wrap."""
 
-    def __init__(self, operator: torch.nn.Module, stream: bool = False, attention: str = "sdpa"):
+    def __init__(self, operator: torch.nn.Module, stream: bool | str = False, attention: str = "sdpa"):
         super().__init__()
         self.operator, self.stream, self.attention = operator, stream, attention
 
@@ -186,7 +197,7 @@ class FitResult:
 def fit(operator: torch.nn.Module, target: Spec, batches: Iterator[dict], objective: str, steps: int = DEFAULT_STEPS,
         lr: float = DEFAULT_LR, teacher: Teacher | None = None, device: torch.device | None = None,
         on_step: Callable[[int, float], None] | None = None, relative_lr: bool = True,
-        stream: bool = False, parallel: str = "ddp") -> FitResult:
+        stream: bool | str = False, parallel: str = "ddp") -> FitResult:
     """Train ``operator`` for ``steps`` steps on ``batches`` (global batches); ``stream``: layer by layer under
     activation checkpointing (see the module docstring).  Raises LigoError, changing nothing on disk, when the loss
     turns NaN or infinite."""
