@@ -414,7 +414,8 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
     ``layer_weights(i)`` gives block i's weights when it runs (default: they are in ``w``); with ``checkpoint`` each
     block runs under non-reentrant activation checkpointing, so its weights and activations are made again in the
     backward instead of being kept; ``checkpoint="selective"`` keeps the outputs of its matrix products
-    (:data:`KEPT_OPS`) and makes only the cheap ops again.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the module docstring).
+    (:data:`KEPT_OPS`) and makes only the cheap ops again.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the
+    module docstring).
     ``lazy_logits``: an LM/MLM head returns ``decode`` (hidden rows -> vocabulary logits) instead of ``logits``, so
     a loss can decode only the predicted places, a chunk at a time (``objectives.task_terms``)."""
     if attention not in ATTENTION:

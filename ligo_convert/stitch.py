@@ -237,10 +237,13 @@ def trace_stitched(spec: Spec, weights: dict[str, torch.Tensor], opset: int, cac
         bias, rope = base.ctx.of(spec, layer)
         feeds = base.block(spec, layer)
         axes = dynamic_axes(feeds, {a: f.block(spec, layer) for a, f in moved.items()}, at, dims)
-        names = ["x"] + [f"context.{j}" for j in range(len(feeds) - 1 - 2 * cache)] + ["past.key", "past.value"][:2 * cache]
+        names_in = ["x"] + [f"context.{j}" for j in range(len(feeds) - 1 - 2 * cache)] + \
+            ["past.key", "past.value"][:2 * cache]
+        names_out = ["y", "present.key", "present.value"][:1 + 2 * cache]
         module = Block(spec, weights, layer, bias is not None, rope is not None, cache)
-        blocks[kind] = (_export(module, feeds, {}, (axes[0], axes[1:]) if axes[1:] else axes, names, ["y", "present.key", "present.value"][:1 + 2 * cache],
-                                opset), layer)
+        # Block.forward(x, *rest): dynamic shapes follow that structure
+        structure = (axes[0], axes[1:]) if axes[1:] else axes
+        blocks[kind] = (_export(module, feeds, {}, structure, names_in, names_out, opset), layer)
 
     feeds = base.finish(spec)
     axes = dynamic_axes(feeds, {a: f.finish(spec) for a, f in moved.items()}, at, dims)
