@@ -165,23 +165,15 @@ def main() -> int:
                         "`optimum-cli export onnx`, each a fresh process, --repeats rounds alternated")
     args = parser.parse_args()
     args.threads = sorted(set(args.threads))
-    if args.export_time:
+    if args.export_time or args.vs_optimum:  # both need optimum's environment
         if not args.optimum_python.exists():
             print(f"{args.optimum_python}: no optimum environment; make it with `tox -e optimum`", file=sys.stderr)
             return 2
+        measure, write = (export_times, write_export_times) if args.export_time else (vs_optimum, write_vs_optimum)
         with tempfile.TemporaryDirectory() as tmp:
-            res = export_times(args, Path(tmp))
+            res = measure(args, Path(tmp))
         if args.markdown:
-            write_export_times(args, res)
-        return 0
-    if args.vs_optimum:
-        if not args.optimum_python.exists():
-            print(f"{args.optimum_python}: no optimum environment; make it with `tox -e optimum`", file=sys.stderr)
-            return 2
-        with tempfile.TemporaryDirectory() as tmp:
-            res = vs_optimum(args, Path(tmp))
-        if args.markdown:
-            write_vs_optimum(args, res)
+            write(args, res)
         return 0
     rows, exports = [], []
     with tempfile.TemporaryDirectory() as tmp:
