@@ -113,6 +113,13 @@ class Finish(Held):
         return tuple(out[k] for k in self.keys)
 
 
+def block_inputs(spec: Spec, layer: int, x, ctx: Context) -> list:
+    """What layer ``layer``'s block reads besides its cache: x, then its kind's bias and rotary cos/sin where the
+    model has them (tensors, or the graph values that carry them)."""
+    bias, rope = ctx.of(spec, layer)
+    return [x] + ([bias] if bias is not None else []) + (list(rope) if rope is not None else [])
+
+
 def _needs_ids(spec: Spec) -> bool:
     return spec.pool == "eos"
 
@@ -173,9 +180,7 @@ class Feeds:
         self.ids = self.args[0] if cache else self.kwargs.get("input_ids")
 
     def block(self, spec: Spec, layer: int) -> list[torch.Tensor]:
-        bias, rope = self.ctx.of(spec, layer)
-        out = [self.x] + ([bias] if bias is not None else []) + (list(rope) if rope is not None else [])
-        return out + self.past[2 * layer:2 * layer + 2]
+        return block_inputs(spec, layer, self.x, self.ctx) + self.past[2 * layer:2 * layer + 2]
 
     def finish(self, spec: Spec) -> list[torch.Tensor]:
         return [self.x] + ([self.ids] if _needs_ids(spec) else [])
@@ -220,9 +225,10 @@ def trace_stitched(spec: Spec, weights: dict[str, torch.Tensor], opset: int, cac
     at, steps = _settings(spec, cache)
     base = Feeds(spec, cache, weights, at, dtype)
     moved = {axis: Feeds(spec, cache, weights, {**at, axis: at[axis] + step}, dtype) for axis, step in steps.items()}
-    limit = None if cache else max_sequence(spec) or 2**20
     dims = {"batch": torch.export.Dim("batch"), "past_sequence": torch.export.Dim("past_sequence"),
-            "sequence": torch.export.Dim("sequence", max=limit) if limit else torch.export.Dim("sequence")}
+            # as the single trace: a position table bounds the sequence of a plain graph
+            "sequence": torch.export.Dim("sequence") if cache else
+            torch.export.Dim("sequence", max=max_sequence(spec) or 2**20)}
 
     args, kwargs, dynamic = trace_inputs(spec, cache, dtype)
     graph_inputs = input_names(spec, cache)
@@ -275,9 +281,8 @@ def copy_into(graph, piece, feeds: list, prefix: str, rename, weights: dict[str,
 
     mapping = dict(zip(piece.graph.inputs, feeds))
     for name, old in piece.graph.initializers.items():
-        new_name = rename(name)
-        mapping[old] = _initializer(graph, new_name if new_name != name or name in weights else prefix + name,
-                                    old, weights)
+        target = rename(name)  # a parameter: this layer's tensor; a constant of the piece: a name of this copy
+        mapping[old] = _initializer(graph, target if target in weights else prefix + name, old, weights)
     for node in piece.graph:
         for attr in node.attributes.values():
             if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
@@ -305,8 +310,7 @@ def stitch(model, blocks: dict, head, spec: Spec, weights, like: Context, past: 
     presents = []
     for layer in range(spec.layers):
         piece, traced = blocks[spec.windowed(layer)]
-        bias, rope = ctx.of(spec, layer)
-        feeds = [x] + ([bias] if bias is not None else []) + (list(rope) if rope is not None else [])
+        feeds = block_inputs(spec, layer, x, ctx)
         for name, proto in zip(past[2 * layer:2 * layer + 2], piece.graph.inputs[len(feeds):]):
             value = ir.Value(name=name, shape=proto.shape, type=proto.type)
             graph.inputs.append(value)

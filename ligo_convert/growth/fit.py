@@ -68,7 +68,7 @@ def choose_stream(target: Spec, choice: str = "auto") -> bool | str:
 
 def stream_name(stream: bool | str) -> str:
     """The ``--materialize`` name of a :func:`choose_stream` answer (what growth.json records)."""
-    return next(name for name, mode in _CHECKPOINT.items() if mode == stream and type(mode) is type(stream))
+    return next(name for name, mode in _CHECKPOINT.items() if mode == stream)
 
 
 class GrowingModel(torch.nn.Module):
