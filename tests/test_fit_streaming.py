@@ -127,12 +127,31 @@ def test_factored_layers_give_the_dense_loss_and_gradients(family, spec, shared)
     batch = batch_for(target)
     factored = op.layer_factors(0)
     assert any(isinstance(t, Chain) for t in factored.values())
+    # at the text batch's 3 x 9 rows, the full path applies some shared expansions to the source matrices first
+    assert op.expanded_sources(27)
     dense_loss, dense_grads = dense_loss_and_grads(op, target, batch)
-    loss, grads = loss_and_grads(op, target, batch, stream=True)
-    assert torch.isfinite(loss) and max_diff(loss, dense_loss) <= 1e-6 * max(1.0, dense_loss.abs().item())
-    assert grads.keys() == dense_grads.keys() and grads
-    for name, g in dense_grads.items():
-        assert max_diff(g, grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), name
+    for stream in (True, False):  # every product inside its layer; shared expansions applied once per step
+        loss, grads = loss_and_grads(op, target, batch, stream=stream)
+        assert torch.isfinite(loss) and max_diff(loss, dense_loss) <= 1e-6 * max(1.0, dense_loss.abs().item())
+        assert grads.keys() == dense_grads.keys() and grads
+        for name, g in dense_grads.items():
+            assert max_diff(g, grads[name]) <= 1e-6 * max(1.0, g.abs().max().item()), (stream, name)
+
+
+def test_shared_expansions_are_applied_first_where_that_saves_multiply_adds():
+    """A GPT-2 6x512 -> 12x1024 shape: at a fitting batch the shared-width operator expands the source fc1/fc2 on
+    their MLP side once per step (B_mlp against 6 source layers instead of 12 target layers); with a few rows, or
+    per-layer MLP matrices, it does not."""
+    source = micro_spec("hf-gpt2", layers=6, width=512, heads=8, mlp=2048, vocab_size=64, max_positions=16)
+    target = source.replace(layers=12, width=1024, heads=16, kv_heads=16, mlp=4096)
+    zeros = {n: torch.zeros(source.shape_of(n)) for n in source.tensor_names()}
+    shared = LigoOperator(source, target, zeros, shared_width=True)
+    expanded = shared.expanded_sources(512)
+    assert {m: (side, tuple(t.shape)) for m, (side, t) in expanded.items()} == \
+        {"fc1.weight": (0, (6, 4096, 512)), "fc2.weight": (1, (6, 512, 4096))}
+    assert shared.expanded_sources(16) == {}
+    per_layer = LigoOperator(source, target, zeros)
+    assert not {"fc1.weight", "fc2.weight"} & set(per_layer.expanded_sources(4096))
 
 
 @pytest.mark.parametrize("shape", [(6, 4, 5, 3), (40, 8, 16, 64), (40, 64, 16, 8), (3, 16, 32, 64)])
@@ -318,14 +337,20 @@ def test_a_selective_checkpoint_makes_no_product_again():
     target = target_of(spec)
     op = LigoOperator(spec, target, init_weights(spec, seed=1))
     batch = batch_for(target)
+    inputs = data_mod.model_inputs(batch)
+    runs = {mode: GrowingModel(op, mode) for mode in (False, "selective", True)}
+    # the full path with the layer-streamed mode's arithmetic (every product made inside its layer)
+    runs["full, products in layers"] = lambda **x: forward(target, op.global_weights(factored=True), **x,
+                                                          layer_weights=op.step_factors(expand_first=False),
+                                                          lazy_logits=True)
     counts = {}
-    for stream in (False, "selective", True):
+    for mode, run in runs.items():
         out = {}
-        forward_products = count_products(lambda: out.update(loss=GrowingModel(op, stream)(
-            **data_mod.model_inputs(batch))["hidden"].square().mean()))
-        counts[stream] = forward_products, count_products(lambda: out["loss"].backward())
-    assert counts[False][0] == counts["selective"][0] == counts[True][0]  # the same forward
-    assert counts["selective"][1] == counts[False][1] < counts[True][1]
+        forward_products = count_products(lambda: out.update(loss=run(**inputs)["hidden"].square().mean()))
+        counts[mode] = forward_products, count_products(lambda: out["loss"].backward())
+    assert counts["selective"] == counts[False]  # the same forward, and no product made again
+    assert counts[True][0] == counts["full, products in layers"][0]
+    assert counts[True][1] > counts["full, products in layers"][1]
 
 
 @pytest.fixture(scope="module")
@@ -337,16 +362,23 @@ def gpt2_source(tmp_path_factory):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared"])
-def test_streamed_grow_writes_the_same_files_as_the_full_path(tmp_path, gpt2_source, shared):
-    outs = {}
-    for mode in ("full", "layers", "selective"):
+def test_streamed_grow_writes_the_same_files_as_the_full_path(tmp_path, gpt2_source, shared, monkeypatch):
+    def run(mode, out):
         result = grow(gpt2_source, layers=3, width=32, steps=4, batch_size=4, seq_len=16, eval_batches=1,
-                      materialize=mode, shared_width=shared, out=tmp_path / mode, device="cpu")
+                      materialize=mode, shared_width=shared, out=out, device="cpu")
         assert result.report["materialize"] == mode
-        outs[mode] = result
-    for mode in ("layers", "selective"):
-        assert_same_files(tmp_path / "full", tmp_path / mode)
-        assert outs["full"].report["loss_final"] == outs[mode].report["loss_final"]
+        return result.report["loss_final"]
+
+    # selective streaming keeps the full path's arithmetic (shared expansions applied once per step)
+    losses = {mode: run(mode, tmp_path / mode) for mode in ("full", "layers", "selective")}
+    assert_same_files(tmp_path / "full", tmp_path / "selective")
+    assert losses["full"] == losses["selective"]
+    # `layers` makes every product inside its layer: the same model up to the order of the products...
+    assert losses["layers"] == pytest.approx(losses["full"], rel=1e-5)
+    # ...and with the full path on that arithmetic too, byte for byte the same files
+    monkeypatch.setattr(LigoOperator, "expanded_sources", lambda self, rows: {})
+    assert run("full", tmp_path / "full-in-layers") == losses["layers"]
+    assert_same_files(tmp_path / "full-in-layers", tmp_path / "layers")
 
 
 def test_writing_reads_one_tensor_at_a_time(tmp_path, gpt2_source, monkeypatch):

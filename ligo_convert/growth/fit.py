@@ -7,9 +7,11 @@ block's inputs run through in the cheapest order, the dense weight formed only w
 vocabulary tables stay factored.  With ``stream`` every block also runs under
 non-reentrant activation checkpointing, so the backward makes its weights and activations again instead of keeping
 them: peak memory is then the source + the operator and its optimizer state + about one target layer + the
-activations at layer boundaries.  Both modes run the same arithmetic in the same order (the recomputation repeats the
-forward exactly), so they give the same losses, gradients and operators bit for bit on the CPU; streaming only trades
-one more forward per step for memory.  ``stream="selective"`` streams too but keeps each block's matrix products
+activations at layer boundaries.  Recomputation repeats the forward exactly, so checkpointing changes no bit of the
+losses, gradients or operators on the CPU; streaming only trades one more forward per step for memory.  Where memory
+is not the first concern (every mode but ``layers``), a shared width matrix is applied to each source matrix once
+per step where that is cheaper than once per target layer (``LigoOperator.expanded_sources``): the same model, the
+products in another order.  ``stream="selective"`` streams too but keeps each block's matrix products
 (``model.KEPT_OPS``) for the backward, which then makes only the cheap ops again (selective activation checkpointing).
 ``--materialize auto`` streams targets of ``STREAM_ABOVE_BYTES`` or more.
 
@@ -81,8 +83,11 @@ class GrowingModel(torch.nn.Module):
 
     def forward(self, **inputs) -> dict:
         op = self.operator
-        return forward(op.target, op.global_weights(factored=True), **inputs, layer_weights=op.layer_factors,
-                       checkpoint=self.stream, attention=self.attention, lazy_logits=True)
+        # streaming layer by layer is for memory: it makes every product inside its layer; the other modes may
+        # expand the source matrices once for all layers (operator.expanded_sources)
+        return forward(op.target, op.global_weights(factored=True), **inputs,
+                       layer_weights=op.step_factors(expand_first=self.stream is not True), checkpoint=self.stream,
+                       attention=self.attention, lazy_logits=True)
 
     def forward_many(self, batches: list[dict]) -> list[dict]:
         """The outputs for several batches (no gradients), each target layer made once for all of them."""

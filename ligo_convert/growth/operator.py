@@ -22,7 +22,9 @@ and then through ``B_out W`` (the grown matrix has rank <= the source width, so 
 from __future__ import annotations
 
 import collections.abc
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -306,17 +308,20 @@ class LigoOperator(torch.nn.Module):
 
         return self.layer_ops[layer](make)  # one call per layer: FSDP gathers this layer's operator for it
 
-    def layer_factors(self, layer: int) -> dict[str, Tensor | Chain]:
+    def layer_factors(self, layer: int, expanded: Mapping[str, tuple[int, Tensor]] | None = None
+                      ) -> dict[str, Tensor | Chain]:
         """Target layer ``layer``'s tensors for the fitting forward: each matrix that grows as a :class:`Chain`
         (B_out, depth-mixed source matrix, B_in) that ``model.linear`` runs its input through in the cheapest order,
         never forming the dense weight where that costs more; vectors (biases, norms) made as in ``layer_weights``.
-        Mixing the L1 source matrices first and expanding once is what both forms share."""
+        Mixing the L1 source matrices first and expanding once is what both forms share, except for the modules in
+        ``expanded`` (:meth:`expanded_sources`), whose source matrices come already expanded on one side."""
         sharded = _is_fsdp(self.layer_ops[layer])
+        expanded = expanded or {}
 
         def make(own):
             out = {}
             for module in self.module_types:
-                t = self._layer_tensor(layer, module, own, factored=True)
+                t = self._layer_tensor(layer, module, own, factored=True, expanded=expanded.get(module))
                 if sharded and isinstance(t, Chain):  # FSDP frees the gathered matrices when this call returns
                     t = Chain(*(m.clone() if m is not None else None for m in t))
                 out[f"layers.{layer}.{module}"] = t
@@ -324,17 +329,71 @@ class LigoOperator(torch.nn.Module):
 
         return self.layer_ops[layer](make)
 
-    def _layer_tensor(self, layer: int, module: str, own: Mapping[str, Tensor], factored: bool = False
-                      ) -> Tensor | Chain:
-        stack = self._source(module)  # (L1, ...)
+    def _layer_tensor(self, layer: int, module: str, own: Mapping[str, Tensor], factored: bool = False,
+                      expanded: tuple[int, Tensor] | None = None) -> Tensor | Chain:
+        mats = [self._matrix(space_kind(tag), own) for tag in CANONICAL["layers.{i}." + module]]
+        if expanded is not None:  # one side already applied to every source matrix: mix those
+            side, stack = expanded
+            mats[side] = None
+        else:
+            stack = self._source(module)  # (L1, ...)
         if self.depth_grows:  # mixed in source space, before any expansion (L1 small matrices, not L2 large ones)
             mixed = torch.tensordot(own[self._key("depth", module)].to(stack.dtype), stack, dims=1)
         else:
             mixed = stack[layer]
-        mats = [self._matrix(space_kind(tag), own) for tag in CANONICAL["layers.{i}." + module]]
         if factored and mixed.dim() == 2 and any(m is not None for m in mats):
             return Chain(mats[0], mixed, mats[1])
         return expand(mixed, mats)
+
+    def step_factors(self, expand_first: bool = True) -> "StepFactors":
+        """The fitting forward's ``layer_weights`` (see ``model.forward``): :meth:`layer_factors`, with the shared
+        expansions applied once per step where that is cheaper when ``expand_first``."""
+        return StepFactors(self, expand_first)
+
+    def expanded_sources(self, rows: int) -> dict[str, tuple[int, Tensor]]:
+        """The module types whose matrices cost fewer multiply-adds per step (``rows`` rows a layer) when one side's
+        shared expansion is applied to each of the L1 source matrices once and the depth mix is taken of those —
+        ``sum_j w_j (B_out W_j)`` in each of the L2 layers instead of ``B_out (sum_j w_j W_j)`` — as module ->
+        (side: 0 output / 1 input, the (L1, ...) stack expanded on that side).  With a shared-width operator that is
+        fc1's and fc2's MLP side at a fitting batch (B_mlp against 2x the layers).  The stacks and their gradients
+        are held for the whole step: memory for speed."""
+        out = {}
+        for module in self.module_types:
+            stack = self._source(module)
+            kinds = [space_kind(tag) for tag in CANONICAL["layers.{i}." + module]]
+            if stack.dim() != 3 or all(self._shape(k) is None for k in kinds):
+                continue
+            side = self._cheaper_side(stack.shape[1:], kinds, rows)
+            if side is not None:
+                mat = self._matrix(kinds[side], None)
+                out[module] = (side, mat @ stack if side == 0 else stack @ mat.T)
+        return out
+
+    def _shape(self, kind: str) -> tuple[int, int] | None:
+        return self.width_kinds.get(self.tied.get(kind, kind))
+
+    def _cheaper_side(self, core: tuple[int, int], kinds: list[str], rows: int) -> int | None:
+        """Which shared side of a (out, in) module is cheaper applied to the source matrices first, if any (see
+        :meth:`expanded_sources`): multiply-adds of the step's forward, every layer's products and depth mixes."""
+        l1, l2 = self.source.layers, self.target.layers
+        meta = [torch.empty(s, device="meta") if s is not None else None for s in map(self._shape, kinds)]
+
+        def per_step(core_shape, left, right, expand_cost):
+            mix = l1 * math.prod(core_shape) if self.depth_grows else 0
+            chain = Chain(left, torch.empty(core_shape, device="meta"), right)
+            return expand_cost + l2 * (mix + chain.cost(rows))
+
+        best, side = per_step(core, meta[0], meta[1], 0), None
+        for s in (0, 1):
+            if meta[s] is None or self._per_layer(kinds[s]):
+                continue
+            d2 = meta[s].shape[0]
+            shape = (d2, core[1]) if s == 0 else (core[0], d2)
+            cost = per_step(shape, None if s == 0 else meta[0], meta[1] if s == 0 else None,
+                            l1 * math.prod(core) * d2)
+            if cost < best:
+                best, side = cost, s
+        return side
 
     def tensor(self, name: str) -> Tensor:
         """One canonical tensor of the target."""
@@ -432,6 +491,19 @@ class LigoOperator(torch.nn.Module):
             part, what = name.split(".", 1)
             (self.set_width if part == "width" else self.set_depth)(what, value)
         return meta
+
+
+class StepFactors:
+    """An operator's layers for one fitting forward (``model.forward``'s ``layer_weights``): ``for_rows(n)`` prepares
+    the expansions that every layer shares (:meth:`LigoOperator.expanded_sources`, when ``expand_first``) and
+    returns ``layer -> factors``."""
+
+    def __init__(self, operator: LigoOperator, expand_first: bool = True):
+        self.operator, self.expand_first = operator, expand_first
+
+    def for_rows(self, rows: int) -> Callable[[int], dict[str, Tensor | Chain]]:
+        expanded = self.operator.expanded_sources(rows) if self.expand_first else {}
+        return functools.partial(self.operator.layer_factors, expanded=expanded)
 
 
 class GrownTensors(collections.abc.Mapping):
