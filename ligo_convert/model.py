@@ -70,8 +70,7 @@ class Chain(NamedTuple):
 
     def cost(self, n: int) -> int:
         """Multiply-adds of :meth:`apply` on ``n`` rows (its cheapest order)."""
-        costs = self._costs(n)
-        return costs[min(costs, key=costs.get)]
+        return min(self._costs(n).values())
 
     def _cheapest(self, n: int, dense: bool = False) -> str:
         """The order of ``x R C^T L^T`` (the 5 ways to bracket it) with the fewest multiply-adds for ``n`` rows."""
