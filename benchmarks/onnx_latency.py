@@ -160,16 +160,20 @@ def main() -> int:
     parser.add_argument("--optimum-python", type=Path, default=OPTIMUM_PYTHON,
                         help="python of an environment with optimum-onnx (default: tox -e optimum's)")
     parser.add_argument("--layers", type=int, help="--vs-optimum: layers of every model (default: 12)")
+    parser.add_argument("--generation", action="store_true", help="the --vs-optimum generation comparison alone "
+                        "(GPT-2-small-sized; every engine's calls interleaved)")
     parser.add_argument("--export-time", action="store_true", help="export wall time only: `ligo-convert export` "
                         "(stitched from one traced block, and with the whole forward traced at once) against "
                         "`optimum-cli export onnx`, each a fresh process, --repeats rounds alternated")
     args = parser.parse_args()
     args.threads = sorted(set(args.threads))
-    if args.export_time or args.vs_optimum:  # both need optimum's environment
+    if args.export_time or args.vs_optimum or args.generation:  # all need optimum's environment
         if not args.optimum_python.exists():
             print(f"{args.optimum_python}: no optimum environment; make it with `tox -e optimum`", file=sys.stderr)
             return 2
-        measure, write = (export_times, write_export_times) if args.export_time else (vs_optimum, write_vs_optimum)
+        measure, write = ((export_times, write_export_times) if args.export_time else
+                          (generation_vs_optimum, write_vs_optimum) if args.generation else
+                          (vs_optimum, write_vs_optimum))
         with tempfile.TemporaryDirectory() as tmp:
             res = measure(args, Path(tmp))
         if args.markdown:
@@ -292,7 +296,7 @@ PROMPT, NEW_TOKENS = 32, 32  # generation: 32 new tokens after a 32-token prompt
 
 def optimum_worker(job: dict) -> dict:
     """Runs under the optimum environment's python: ``optimum-cli export onnx`` (timed, its own validation
-    included), its dynamic int8 quantisation (``int8``) and its ORTModelForCausalLM's generation (``generate``)."""
+    included) and its dynamic int8 quantisation (``int8``)."""
     import subprocess
 
     out: dict = {}
@@ -308,24 +312,53 @@ def optimum_worker(job: dict) -> dict:
         quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True),
                            save_dir=job["out"] + "-int8")
         out["int8"] = str(next(Path(job["out"] + "-int8").glob("*.onnx")))
-    if job.get("generate"):
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        times = []
-        for threads in job["threads"]:
-            torch.set_num_threads(threads)
-            model = ORTModelForCausalLM.from_pretrained(job["out"], use_cache=True,
-                                                        session_options=session_options(threads))
-            ids = torch.tensor([job["prompt"]])
-            per = []
-            for _ in range(job["repeats"] + 1):
-                t = time.perf_counter()
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                               min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
-                per.append(time.perf_counter() - t)
-            times.append(NEW_TOKENS / statistics.median(per[1:]))
-        out["tok_s"] = dict(zip(map(str, job["threads"]), times))
     return out
+
+
+def optimum_generator(job: dict) -> None:
+    """Runs under the optimum environment's python: loads optimum's export in ORTModelForCausalLM once, then for each
+    line on stdin generates once and prints ``seconds S`` (timed around ``generate`` only), so that its calls can
+    interleave one by one with the engines of the benchmark's own process."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    torch.set_num_threads(job["threads"])
+    model = ORTModelForCausalLM.from_pretrained(job["out"], use_cache=True,
+                                                session_options=session_options(job["threads"]))
+    ids = torch.tensor([job["prompt"]])
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+        print(f"seconds {time.perf_counter() - start}", flush=True)
+
+
+class OptimumGenerator:
+    """A call = one ``generate`` of optimum's ORTModelForCausalLM in its own environment's process
+    (:func:`optimum_generator`); returns the seconds that process measured."""
+
+    def __init__(self, python: Path, job: dict):
+        import subprocess
+
+        self.process = subprocess.Popen([str(python), __file__, "--optimum-generator", json.dumps(job)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self._answer("ready")
+
+    def _answer(self, prefix: str) -> str:
+        for line in self.process.stdout:  # anything optimum itself prints is skipped
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"optimum generator ended (exit {self.process.wait()}) before answering")
+
+    def __call__(self) -> float:
+        self.process.stdin.write("generate\n")
+        self.process.stdin.flush()
+        return float(self._answer("seconds "))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def timed_process(command: list[str], threads: int) -> float:
@@ -421,8 +454,9 @@ def call_optimum(python: Path, job: dict) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (order reversed every other round)."""
+def interleaved(fns: dict, repeats: int, self_timed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn (order reversed every other round); the functions
+    named in ``self_timed`` return their own seconds (a call in another process)."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -430,8 +464,8 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     for r in range(repeats):
         for name, fn in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            took = fn()
+            times[name].append(took if name in self_timed else time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -461,7 +495,6 @@ def both_settings(fns: dict, ours: Path, theirs: Path, threads: int, x: dict) ->
 def vs_optimum(args, tmp: Path) -> dict:
     """Every figure of the comparison with optimum-onnx, on folders built from configs (random weights)."""
     from ligo_convert import save
-    from ligo_convert.generate import greedy, onnx_step
     from ligo_convert.quantize import quantize_validated
 
     res = {"latency": [], "int8": [], "generation": [], "export": []}
@@ -477,8 +510,7 @@ def vs_optimum(args, tmp: Path) -> dict:
         ours_export = time.perf_counter() - start
         assert report.ok, report.failure()
         job = {"folder": str(folder), "task": task, "out": str(tmp / f"optimum-{family}"), "threads": args.threads,
-               "int8": family == "hf-bert", "generate": family == "hf-gpt2", "repeats": max(3, args.repeats // 2),
-               "prompt": list(range(100, 100 + PROMPT))}
+               "int8": family == "hf-bert", "prompt": list(range(100, 100 + PROMPT))}
         theirs = call_optimum(args.optimum_python, job)
         res["export"].append((label, ours_export, report.export_seconds, theirs["export_s"]))
         print(f"{label} export: ours {ours_export:.1f} s (trace + write {report.export_seconds:.1f} s), "
@@ -508,32 +540,65 @@ def vs_optimum(args, tmp: Path) -> dict:
                           f"{q['optimum'] * 1e3:.1f} ms; fusions off: ours {q['ours_off'] * 1e3:.1f} ms, optimum "
                           f"{q['optimum_off'] * 1e3:.1f} ms", flush=True)
         if family == "hf-gpt2":
-            import transformers
-
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-            prompt = torch.tensor([job["prompt"]])
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                step = onnx_step(ort.InferenceSession(str(ours_path), session_options(threads),
-                                                      providers=["CPUExecutionProvider"]), m.spec)
-                step_off = onnx_step(ort.InferenceSession(str(ours_path), session_options(threads),
-                                                          providers=["CPUExecutionProvider"],
-                                                          disabled_optimizers=list(CPU_DISABLED_FUSIONS)), m.spec)
-                with torch.no_grad():
-                    t = interleaved({"ours": lambda: greedy(step, job["prompt"], NEW_TOKENS, set()),
-                                     "ours_off": lambda: greedy(step_off, job["prompt"], NEW_TOKENS, set()),
-                                     "transformers": lambda: hf.generate(
-                                         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                         min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                                         eos_token_id=None)}, max(3, args.repeats // 2))
-                tok = {k: NEW_TOKENS / v for k, v in t.items()} | {"optimum": theirs["tok_s"][str(threads)]}
-                res["generation"].append((label, threads, tok))
-                print(f"{label} generation {threads} thread(s): ours {tok['ours']:.1f} tok/s, transformers "
-                      f"{tok['transformers']:.1f}, optimum {tok['optimum']:.1f}; ours fusions off "
-                      f"{tok['ours_off']:.1f}",
-                      flush=True)
+            res["generation"] += generation_rates(args, m, folder, ours_path, Path(job["out"]), job["prompt"])
         del m, weights
     return res
+
+
+def generation_rates(args, m, folder: Path, ours_path: Path, optimum_dir: Path, prompt: list[int]) -> list[tuple]:
+    """Tokens per second of greedy generation, per thread count, every engine's calls interleaved one by one: our
+    cache graph through ``ligo_convert.generate``'s loop (with onnxruntime's default fusions and with ours off),
+    optimum's file through the same loop (the graphs alone compared), transformers' ``generate`` with its cache and
+    optimum's ORTModelForCausalLM.generate (in its own environment's process, :class:`OptimumGenerator`)."""
+    import transformers
+
+    from ligo_convert.generate import greedy, onnx_step
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids, out = torch.tensor([prompt]), []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+
+        def loop(path: Path, fusions_off: bool = False):
+            step = onnx_step(ort.InferenceSession(str(path), session_options(threads), providers=[
+                "CPUExecutionProvider"], **({"disabled_optimizers": list(CPU_DISABLED_FUSIONS)} if fusions_off
+                                            else {})), m.spec)
+            return lambda: greedy(step, prompt, NEW_TOKENS, set())
+
+        optimum = OptimumGenerator(args.optimum_python, {"out": str(optimum_dir), "threads": threads,
+                                                         "prompt": prompt})
+        try:
+            with torch.no_grad():
+                t = interleaved({"ours": loop(ours_path), "ours_off": loop(ours_path, True),
+                                 "optimum_file": loop(optimum_dir / "model.onnx"),
+                                 "transformers": lambda: hf.generate(
+                                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None),
+                                 "optimum": optimum}, max(3, args.repeats // 2), self_timed=("optimum",))
+        finally:
+            optimum.close()
+        tok = {k: NEW_TOKENS / v for k, v in t.items()}
+        out.append(("GPT-2-small-sized", threads, tok))
+        print(f"generation {threads} thread(s): " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tok.items()),
+              flush=True)
+    return out
+
+
+def generation_vs_optimum(args, tmp: Path) -> dict:
+    """``--generation``: the generation comparison alone (the GPT-2-small-sized folder, both exports, every engine)."""
+    from ligo_convert import save
+
+    label, fields, family, task, _ = next(c for c in VS_OPTIMUM if c[2] == "hf-gpt2")
+    m = model(dict(fields, layers=args.layers or fields["layers"]), family)
+    save(m, tmp / family)
+    ours_path = tmp / f"{family}.onnx"
+    report = export_onnx(tmp / family, ours_path)
+    assert report.ok, report.failure()
+    job = {"folder": str(tmp / family), "task": task, "out": str(tmp / f"optimum-{family}")}
+    call_optimum(args.optimum_python, job)
+    prompt = list(range(100, 100 + PROMPT))
+    return {"latency": [], "int8": [], "export": [],
+            "generation": generation_rates(args, m, tmp / family, ours_path, Path(job["out"]), prompt)}
 
 
 def write_vs_optimum(args, res: dict) -> None:
@@ -542,7 +607,8 @@ def write_vs_optimum(args, res: dict) -> None:
     layers = f" --layers {args.layers}" if args.layers else ""
     lines = ["# ONNX latency, generation and export time: ligo-convert against optimum-onnx and PyTorch eager", "",
              "Command (from the repository root; optimum-onnx runs in `.tox/optimum`, made by `tox -e optimum`):", "",
-             "```", f"python benchmarks/onnx_latency.py --vs-optimum --repeats {args.repeats} --threads "
+             "```", f"python benchmarks/onnx_latency.py {'--generation' if args.generation else '--vs-optimum'} "
+             f"--repeats {args.repeats} --threads "
              f"{' '.join(map(str, args.threads))}{layers} --markdown {args.markdown}", "```", "",
              f"Machine: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (other jobs "
              f"ran beside it); torch {torch.__version__}, onnxruntime {ort.__version__}, ligo-convert {__version__}. "
@@ -550,39 +616,48 @@ def write_vs_optimum(args, res: dict) -> None:
              + (f", {args.layers} layers instead of 12" if args.layers else "") + ". Every engine in one process with "
              f"the same thread count, calls interleaved, {args.repeats} timed calls each after a warm-up; medians. "
              "optimum's files come from `optimum-cli export onnx` of the same folder; its int8 file from its "
-             "ORTQuantizer (dynamic, per channel); its generation runs in its own environment (not interleaved).", "",
+             "ORTQuantizer (dynamic, per channel).", "",
              "Each file runs twice: with onnxruntime's default fusions, and with `disabled_optimizers="
-             f"{list(CPU_DISABLED_FUSIONS)}` (\"off\"; what ligo-convert's own sessions do on one CPU thread).", "",
-             "| model | threads | torch eager (ms) | ours (ms) | optimum's (ms) | ours off (ms) | optimum's off (ms) | "
-             "ours ÷ optimum's (≤ 1.0) | off: ours ÷ optimum's | ours ÷ torch (≤ 0.8) | ours off ÷ torch | "
-             "optimum's ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{list(CPU_DISABLED_FUSIONS)}` (\"off\"; what ligo-convert's own sessions do on one CPU thread).", ""]
+    if res["latency"]:
+        lines += ["| model | threads | torch eager (ms) | ours (ms) | optimum's (ms) | ours off (ms) | optimum's off "
+                  "(ms) | ours ÷ optimum's (≤ 1.0) | off: ours ÷ optimum's | ours ÷ torch (≤ 0.8) | ours off ÷ torch "
+                  "| optimum's ÷ torch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, threads, t in res["latency"]:
         lines.append(f"| {label} | {threads} | {t['torch'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
                      f"{t['optimum'] * 1e3:.1f} | {t['ours_off'] * 1e3:.1f} | {t['optimum_off'] * 1e3:.1f} | "
                      f"{t['ours'] / t['optimum']:.2f} | {t['ours_off'] / t['optimum_off']:.2f} | "
                      f"{t['ours'] / t['torch']:.2f} | {t['ours_off'] / t['torch']:.2f} | "
                      f"{t['optimum'] / t['torch']:.2f} |")
-    lines += ["", "int8 (onnxruntime dynamic quantisation), batch 1, seq 128:", "",
-              "| model | threads | ours int8 (ms) | optimum's int8 (ms) | ours off | optimum's off | "
-              "ours ÷ optimum's (≤ 1.0) | off: ours ÷ optimum's | ours ÷ torch fp32 (≤ 0.35 at 1 thread) | "
-              "ours off ÷ torch fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if res["int8"]:
+        lines += ["", "int8 (onnxruntime dynamic quantisation), batch 1, seq 128:", "",
+                  "| model | threads | ours int8 (ms) | optimum's int8 (ms) | ours off | optimum's off | "
+                  "ours ÷ optimum's (≤ 1.0) | off: ours ÷ optimum's | ours ÷ torch fp32 (≤ 0.35 at 1 thread) | "
+                  "ours off ÷ torch fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, threads, q in res["int8"]:
         lines.append(f"| {label} | {threads} | {q['ours'] * 1e3:.1f} | {q['optimum'] * 1e3:.1f} | "
                      f"{q['ours_off'] * 1e3:.1f} | {q['optimum_off'] * 1e3:.1f} | {q['ours'] / q['optimum']:.2f} | "
                      f"{q['ours_off'] / q['optimum_off']:.2f} | {q['ours'] / q['torch']:.2f} | "
                      f"{q['ours_off'] / q['torch']:.2f} |")
-    lines += ["", f"Generation, {NEW_TOKENS} new tokens after a {PROMPT}-token prompt, batch 1, greedy, with a "
-              "key/value cache (ours: the exported cache graph through `ligo_convert.generate`'s loop):", "",
-              "| model | threads | ours (tok/s) | ours off (tok/s) | transformers generate (tok/s) | optimum (tok/s) | "
-              "ours ÷ transformers (≥ 1.2) | ours ÷ optimum (≥ 1.0) | ours off ÷ optimum |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if res["generation"]:
+        lines += ["", f"Generation, {NEW_TOKENS} new tokens after a {PROMPT}-token prompt, batch 1, greedy, with a "
+                  "key/value cache, every engine's calls interleaved (optimum's `ORTModelForCausalLM.generate` in a "
+                  "process of its own environment, one call at a time, timed there): ours and optimum's file "
+                  "through `ligo_convert.generate`'s loop (the graphs alone), transformers' and optimum's "
+                  "`generate`:", "",
+                  "| model | threads | ours (tok/s) | ours off (tok/s) | optimum's file, our loop (tok/s) | "
+                  "transformers generate (tok/s) | optimum generate (tok/s) | ours ÷ transformers (≥ 1.2) | "
+                  "ours ÷ optimum (≥ 1.0) | ours off ÷ optimum | ours ÷ optimum's file |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, threads, g in res["generation"]:
-        lines.append(f"| {label} | {threads} | {g['ours']:.1f} | {g['ours_off']:.1f} | {g['transformers']:.1f} | "
-                     f"{g['optimum']:.1f} | {g['ours'] / g['transformers']:.2f} | {g['ours'] / g['optimum']:.2f} | "
-                     f"{g['ours_off'] / g['optimum']:.2f} |")
-    lines += ["", f"Export wall time ({max(args.threads)} threads; validation included on both sides):", "",
-              "| model | ours (s) | of which trace + write (s) | optimum-cli (s) | ours ÷ optimum's (≤ 1.0) |",
-              "|---|---:|---:|---:|---:|"]
+        lines.append(f"| {label} | {threads} | {g['ours']:.1f} | {g['ours_off']:.1f} | {g['optimum_file']:.1f} | "
+                     f"{g['transformers']:.1f} | {g['optimum']:.1f} | {g['ours'] / g['transformers']:.2f} | "
+                     f"{g['ours'] / g['optimum']:.2f} | {g['ours_off'] / g['optimum']:.2f} | "
+                     f"{g['ours'] / g['optimum_file']:.2f} |")
+    if res["export"]:
+        lines += ["", f"Export wall time ({max(args.threads)} threads; validation included on both sides):", "",
+                  "| model | ours (s) | of which trace + write (s) | optimum-cli (s) | ours ÷ optimum's (≤ 1.0) |",
+                  "|---|---:|---:|---:|---:|"]
     for label, total, trace, theirs in res["export"]:
         lines.append(f"| {label} | {total:.1f} | {trace:.1f} | {theirs:.1f} | {total / theirs:.2f} |")
     lines.append("")
@@ -593,6 +668,8 @@ def write_vs_optimum(args, res: dict) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--single-trace-worker":
         sys.exit(single_trace_worker(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--optimum-generator":
+        sys.exit(optimum_generator(json.loads(sys.argv[2])))
     if len(sys.argv) == 3 and sys.argv[1] == "--optimum-worker":
         print(json.dumps(optimum_worker(json.loads(sys.argv[2]))))
         sys.exit(0)

@@ -52,6 +52,7 @@ from . import __version__, options
 from .canonical import CanonicalModel, load
 from .errors import LigoError
 from .model import empty_cache, forward, forward_cached, positions_of
+from .onnx_io import save_one_file
 from .spec import Spec
 from .stitch import Held, trace_stitched
 from .threads import session_threads
@@ -498,7 +499,10 @@ def _write(model, out: Path, meta: dict[str, str], data_name: str | None) -> Non
     import onnx_ir as ir
 
     model.metadata_props.update(meta)
-    ir.save(model, out, external_data=data_name)
+    if data_name is None:  # one file: the weights written straight from the tensors (onnx_io)
+        save_one_file(model, out)
+    else:
+        ir.save(model, out, external_data=data_name)
 
 
 # onnxruntime's graph fusions that make single-threaded CPU inference slower (onnxruntime 1.32): SkipLayerNormFusion
