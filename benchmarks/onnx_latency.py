@@ -292,6 +292,7 @@ VS_OPTIMUM = (("BERT-base-sized", BERT, "hf-bert", "feature-extraction", (1, 128
               ("GPT-2-small-sized", GPT2, "hf-gpt2", "text-generation-with-past", (1, 128)),
               ("ViT-B-sized", VIT_BASE, "hf-vit", "image-classification", (1, None)))
 PROMPT, NEW_TOKENS = 32, 32  # generation: 32 new tokens after a 32-token prompt
+PROMPT_IDS = list(range(100, 100 + PROMPT))
 
 
 def optimum_worker(job: dict) -> dict:
@@ -324,7 +325,7 @@ def optimum_generator(job: dict) -> None:
     torch.set_num_threads(job["threads"])
     model = ORTModelForCausalLM.from_pretrained(job["out"], use_cache=True,
                                                 session_options=session_options(job["threads"]))
-    ids = torch.tensor([job["prompt"]])
+    ids = torch.tensor([PROMPT_IDS])
     print("ready", flush=True)
     for _ in sys.stdin:
         start = time.perf_counter()
@@ -509,8 +510,7 @@ def vs_optimum(args, tmp: Path) -> dict:
         report = export_onnx(folder, ours_path)
         ours_export = time.perf_counter() - start
         assert report.ok, report.failure()
-        job = {"folder": str(folder), "task": task, "out": str(tmp / f"optimum-{family}"), "threads": args.threads,
-               "int8": family == "hf-bert", "prompt": list(range(100, 100 + PROMPT))}
+        job = {"folder": str(folder), "task": task, "out": str(tmp / f"optimum-{family}"), "int8": family == "hf-bert"}
         theirs = call_optimum(args.optimum_python, job)
         res["export"].append((label, ours_export, report.export_seconds, theirs["export_s"]))
         print(f"{label} export: ours {ours_export:.1f} s (trace + write {report.export_seconds:.1f} s), "
@@ -540,12 +540,12 @@ def vs_optimum(args, tmp: Path) -> dict:
                           f"{q['optimum'] * 1e3:.1f} ms; fusions off: ours {q['ours_off'] * 1e3:.1f} ms, optimum "
                           f"{q['optimum_off'] * 1e3:.1f} ms", flush=True)
         if family == "hf-gpt2":
-            res["generation"] += generation_rates(args, m, folder, ours_path, Path(job["out"]), job["prompt"])
+            res["generation"] += generation_rates(args, m, folder, ours_path, Path(job["out"]))
         del m, weights
     return res
 
 
-def generation_rates(args, m, folder: Path, ours_path: Path, optimum_dir: Path, prompt: list[int]) -> list[tuple]:
+def generation_rates(args, m, folder: Path, ours_path: Path, optimum_dir: Path) -> list[tuple]:
     """Tokens per second of greedy generation, per thread count, every engine's calls interleaved one by one: our
     cache graph through ``ligo_convert.generate``'s loop (with onnxruntime's default fusions and with ours off),
     optimum's file through the same loop (the graphs alone compared), transformers' ``generate`` with its cache and
@@ -555,7 +555,7 @@ def generation_rates(args, m, folder: Path, ours_path: Path, optimum_dir: Path, 
     from ligo_convert.generate import greedy, onnx_step
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids, out = torch.tensor([prompt]), []
+    ids, out = torch.tensor([PROMPT_IDS]), []
     for threads in args.threads:
         torch.set_num_threads(threads)
 
@@ -563,10 +563,9 @@ def generation_rates(args, m, folder: Path, ours_path: Path, optimum_dir: Path, 
             step = onnx_step(ort.InferenceSession(str(path), session_options(threads), providers=[
                 "CPUExecutionProvider"], **({"disabled_optimizers": list(CPU_DISABLED_FUSIONS)} if fusions_off
                                             else {})), m.spec)
-            return lambda: greedy(step, prompt, NEW_TOKENS, set())
+            return lambda: greedy(step, PROMPT_IDS, NEW_TOKENS, set())
 
-        optimum = OptimumGenerator(args.optimum_python, {"out": str(optimum_dir), "threads": threads,
-                                                         "prompt": prompt})
+        optimum = OptimumGenerator(args.optimum_python, {"out": str(optimum_dir), "threads": threads})
         try:
             with torch.no_grad():
                 t = interleaved({"ours": loop(ours_path), "ours_off": loop(ours_path, True),
@@ -596,9 +595,8 @@ def generation_vs_optimum(args, tmp: Path) -> dict:
     assert report.ok, report.failure()
     job = {"folder": str(tmp / family), "task": task, "out": str(tmp / f"optimum-{family}")}
     call_optimum(args.optimum_python, job)
-    prompt = list(range(100, 100 + PROMPT))
     return {"latency": [], "int8": [], "export": [],
-            "generation": generation_rates(args, m, tmp / family, ours_path, Path(job["out"]), prompt)}
+            "generation": generation_rates(args, m, tmp / family, ours_path, Path(job["out"]))}
 
 
 def write_vs_optimum(args, res: dict) -> None:

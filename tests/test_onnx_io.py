@@ -69,8 +69,11 @@ def test_varints_as_protobuf_writes_them():
 def test_an_export_writes_one_file_that_matches_pytorch(tmp_path):
     from ligo_convert import from_tensors, save
 
-    spec = micro_spec("hf-gpt2", layers=2, width=32, heads=4, mlp=64, vocab_size=97)
+    spec = micro_spec("hf-gpt2", layers=2, width=32, heads=4, mlp=64, vocab_size=600)
     save(from_tensors(spec, init_weights(spec, seed=1), "hf-gpt2"), tmp_path / "m")
-    report = ex.export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    report = ex.export_onnx(tmp_path / "m", tmp_path / "m.onnx")  # validated against PyTorch, generation included
     assert report.ok and report.external_data is None and report.kv_cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.onnx"]
+    # the token table went through the appended path: it comes after every small initializer
+    names = [t.name for t in onnx.load(tmp_path / "m.onnx").graph.initializer]
+    assert names[-1] == "embed.tokens" and names.count("embed.tokens") == 1
