@@ -204,8 +204,10 @@ def test_tuning_the_schedule_writes_both_tables_and_the_grid(tuned):
     out, printed = tuned
     md = (out / "compare.md").read_text()
     header = "| method | FLOPs saved % | wall saved % |"
-    assert md.count(header) == 2 and printed.count(header) == 2  # scratch's schedule, then each method's tuned one
-    assert md.index("## Scratch's schedule") < md.index("## Each method's tuned schedule") < md.index("Tuning on seed")
+    # scratch's schedule, each method's tuned one, the tuned ones against the stronger scratch of each seed
+    assert md.count(header) == 3 and printed.count(header) == 3
+    assert (md.index("## Scratch's schedule") < md.index("## Each method's tuned schedule")
+            < md.index("## Tuned schedules against the stronger scratch") < md.index("Tuning on seed"))
     results = json.loads((out / "compare.json").read_text())
     tuning = results["tuning"]
     grid = {(p["lr"], p["warmup"]) for p in tuning["grid"]}
@@ -240,6 +242,17 @@ def test_each_tuned_choice_is_the_best_of_its_grid_on_the_tuning_seed(tuned):
         assert all(r["seed"] in results["seeds"] for r in measured)
     lr_values = {p["lr"] for p in tuning["grid"]}
     assert lr_values == {0.5 * results["settings"]["recipe"]["lr"], 2 * results["settings"]["recipe"]["lr"]}
+
+
+def test_the_stronger_scratch_of_each_seed_is_the_goal_of_the_last_table(tuned):
+    results = json.loads((tuned[0] / "compare.json").read_text())
+    for seed in results["seeds"]:
+        ours = [r for r in results["runs"] + results["tuned"]["runs"] if r["method"] == "scratch" and r["seed"] == seed]
+        stronger = {r["method"]: r for r in results["stronger"]["runs"] if r["seed"] == seed}
+        assert stronger["scratch"]["curve"][-1][3] == min(r["curve"][-1][3] for r in ours)
+        tuned_ligo = next(r for r in results["tuned"]["runs"] if r["method"] == "ligo" and r["seed"] == seed)
+        assert stronger["ligo"]["curve"] == tuned_ligo["curve"]  # the same tuned run, measured against that goal
+        assert stronger["ligo"]["savings"]["final_loss"] == tuned_ligo["curve"][-1][3]
 
 
 def test_a_tuned_compare_resumes_without_redoing_its_tuning_runs(tuned, gpt2, monkeypatch):

@@ -139,6 +139,28 @@ def test_a_seed_that_misses_the_goal_counts_at_its_bound_not_dropped():
     assert sv.steps_to_goal([s_fast, s_slow]) == "≥ 2 ± 2"
 
 
+def test_tuned_runs_are_also_measured_against_the_stronger_scratch_of_each_seed():
+    """A schedule tuned on one seed can be the worse one elsewhere: the stronger-scratch view takes, seed by seed,
+    whichever scratch run ends lower as the goal (and as scratch's row)."""
+    sv = _savings_module()
+
+    def run(method, seed, losses):
+        return {"proxy": "p", "seed": seed, "method": method, "curve": _curve(losses)}
+
+    default = [run("scratch", 0, [5, 4, 3, 2, 1]), run("scratch", 1, [5, 4, 3, 2, 2])]
+    tuned = [run("scratch", 0, [5, 4, 3, 2.5, 2]),  # seed 0: the tuned schedule is the weaker one
+             run("scratch", 1, [5, 3, 2, 1.5, 1]),  # seed 1: the stronger one
+             run("ligo", 0, [2, 1.5, 1, 1, 1]), run("ligo", 1, [2, 1.5, 1, 1, 1])]
+    results = {"runs": default, "tuned_runs": tuned, "pretrain": [{"proxy": "p", "seed": s, "flops": 0.0,
+                                                                   "wall": 0.0} for s in (0, 1)]}
+    stronger = {(r["method"], r["seed"]): r for r in sv.with_stronger_scratch(results)["stronger_runs"]}
+    assert stronger[("scratch", 0)]["curve"] == default[0]["curve"]
+    assert stronger[("scratch", 1)]["curve"] == tuned[1]["curve"]
+    assert stronger[("ligo", 0)]["savings"]["flops_saved"] == 50.0  # goal 1.0 reached by scratch at step 4
+    assert stronger[("ligo", 1)]["savings"]["flops_saved"] == 50.0  # goal 1.0, scratch at step 4
+    assert "stronger_runs" not in results  # the results themselves are left as they are
+
+
 def test_ligo_against_a_method_counts_seeds_and_a_sign_test():
     sv = _savings_module()
 

@@ -151,3 +151,14 @@ def best_candidate(runs: list[dict], scratch: dict, value=None) -> tuple[dict, l
     best = max(ok, key=lambda i: (scores[i]["flops_saved"] if scores[i]["flops_saved"] is not None else -1e9,
                                   -scores[i]["final_loss"])) if ok else 0
     return runs[best], scores
+
+
+def with_stronger_scratch(base: list[dict], tuned: list[dict]) -> list[dict]:
+    """The tuned runs with, on each seed, scratch's stronger run in scratch's place: its own schedule's or its tuned
+    one's, whichever ends at the lower validation loss.  A schedule chosen on one tuning seed can be the worse one
+    on the others, and measuring against it would flatter every grown start."""
+    best: dict = {}
+    for r in base + tuned:
+        if r["method"] == "scratch" and (r["seed"] not in best or r["curve"][-1][3] < best[r["seed"]]["curve"][-1][3]):
+            best[r["seed"]] = r
+    return [dict(best[r["seed"]] if r["method"] == "scratch" else r) for r in tuned]
