@@ -659,15 +659,11 @@ def tuned_summary(results: dict) -> list[str]:
 def with_stronger_scratch(results: dict) -> dict:
     """``results`` with ``stronger_runs``: each proxy's tuned runs with the stronger of scratch's two runs on each
     seed in scratch's place (``compare.accounting.with_stronger_scratch``), their savings against that run."""
-    pre = {(r["proxy"], r["seed"]): r for r in results["pretrain"]}
     runs = []
     for name in dict.fromkeys(r["proxy"] for r in results["tuned_runs"]):
-        mine = stronger([r for r in results["runs"] if r["proxy"] == name],
-                        [r for r in results["tuned_runs"] if r["proxy"] == name])
-        for r in mine:
-            scratch = next(x for x in mine if x["seed"] == r["seed"] and x["method"] == "scratch")
-            r["savings"] = savings(r, scratch, pre.get((name, r["seed"])))
-        runs += mine
+        runs += stronger([r for r in results["runs"] if r["proxy"] == name],
+                         [r for r in results["tuned_runs"] if r["proxy"] == name])
+    attach_savings(runs, {(r["proxy"], r["seed"]): r for r in results["pretrain"]})
     return {**results, "stronger_runs": runs}
 
 
