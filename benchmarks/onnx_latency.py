@@ -4,6 +4,8 @@ Models (random weights, the canonical forward every family shares):
 - ViT-Small-sized image classifier (12 layers, width 384, 6 heads, MLP 1536, 224 px, patch 16, 1000 classes) at
   batch 1 and batch 16;
 - GPT-2-small-sized causal LM (12 layers, width 768, 12 heads, MLP 3072, vocabulary 50257) at batch 1, sequence 128;
+- BERT-base-sized encoder (post-LN, vocabulary 30522, no head) at batch 1, sequence 128, and a ViT-Base-sized
+  classifier at batch 1 (the two whose 1-thread ratio is closest to the target);
 - and the export time (trace + write, then onnxruntime validation) of a ViT-Base-sized classifier.
 
 Each model goes through ``export_onnx`` (so every file timed is a validated one).  The two engines then alternate
@@ -35,8 +37,7 @@ import onnxruntime as ort
 import torch
 
 from ligo_convert import Spec, __version__, from_tensors, init_weights
-from ligo_convert.export import (CPU_DISABLED_FUSIONS, DEFAULT_OPSET, export_onnx, input_names,
-                                 output_names)
+from ligo_convert.export import CPU_DISABLED_FUSIONS, DEFAULT_OPSET, export_onnx, input_names
 from ligo_convert.model import forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +65,11 @@ def inputs(spec: Spec, batch: int, seq: int | None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if spec.input == "patches":
         return {"pixel_values": torch.randn(batch, spec.num_channels, spec.image_size, spec.image_size, generator=g)}
-    return {"input_ids": torch.randint(0, spec.vocab_size, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
+    x = {"input_ids": torch.randint(0, spec.vocab_size, (batch, seq), generator=g),
+         "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
+    if "token_type_ids" in input_names(spec):
+        x["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+    return x
 
 
 def side_by_side(m, path: Path, batch: int, seq: int | None, repeats: int, threads: int) -> dict:
@@ -73,9 +77,9 @@ def side_by_side(m, path: Path, batch: int, seq: int | None, repeats: int, threa
     spec = m.spec
     weights = m.materialize(torch.float32)
     x = inputs(spec, batch, seq)
-    feed = {k: v.numpy() for k, v in x.items()}
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-    names = output_names(spec)
+    feed = full_feed(session, {k: v.numpy() for k, v in x.items()})  # a causal LM's cache graph: an empty past
+    names = [o.name for o in session.get_outputs()]
 
     def run_torch():
         with torch.no_grad():
@@ -184,6 +188,8 @@ def main() -> int:
         for label, fields, family, cases in (
             ("ViT-Small-sized (22M)", VIT, "hf-vit", [(1, None), (16, None)]),
             ("GPT-2-small-sized (124M)", GPT2, "hf-gpt2", [(1, 128)]),
+            ("BERT-base-sized (110M)", BERT, "hf-bert", [(1, 128)]),
+            ("ViT-B-sized (86M)", VIT_BASE, "hf-vit", [(1, None)]),
         ):
             m = model(fields, family)
             path = Path(tmp) / f"{family}.onnx"
@@ -476,15 +482,22 @@ def ort_call(path, threads: int, feed: dict, fusions_off: bool = False):
     ``disabled_optimizers``)."""
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"],
                                    **({"disabled_optimizers": list(CPU_DISABLED_FUSIONS)} if fusions_off else {}))
+    feed = full_feed(session, feed)
+    return lambda: session.run(None, feed)
+
+
+def full_feed(session, feed: dict) -> dict:
+    """``feed`` for ``session``'s inputs: a cache graph (ours or optimum's) gets an empty past (the prefill) and
+    positions 0.. ; inputs the graph does not take are dropped."""
     wanted = {i.name for i in session.get_inputs()}
     feed = {k: v for k, v in feed.items() if k in wanted}
-    for i in session.get_inputs():  # a cache graph (ours or optimum's) with an empty past: the prefill
+    for i in session.get_inputs():
         if i.name not in feed:
             feed[i.name] = np.zeros([d if isinstance(d, int) else 0 if "past" in str(d) or j == 2 else 1
                                      for j, d in enumerate(i.shape)], np.float32)
             if i.name == "position_ids":
                 feed[i.name] = np.arange(feed["input_ids"].shape[1])[None].astype(np.int64)
-    return lambda: session.run(None, feed)
+    return feed
 
 
 def both_settings(fns: dict, ours: Path, theirs: Path, threads: int, x: dict) -> dict:
@@ -516,8 +529,6 @@ def vs_optimum(args, tmp: Path) -> dict:
         print(f"{label} export: ours {ours_export:.1f} s (trace + write {report.export_seconds:.1f} s), "
               f"optimum-cli {theirs['export_s']:.1f} s", flush=True)
         x = {k: v.numpy() for k, v in inputs(m.spec, batch, seq).items()}
-        if "token_type_ids" in input_names(m.spec):
-            x["token_type_ids"] = np.zeros_like(x["input_ids"])
         weights = m.materialize(torch.float32)
         eager = lambda: forward(m.spec, weights, **{k: torch.from_numpy(v) for k, v in x.items()})
         q_ours = tmp / f"{family}.int8.onnx"
