@@ -61,6 +61,17 @@ def model(fields: dict, family: str, seed: int = 0):
     return from_tensors(spec, weights, family)
 
 
+QUICK = dict(layers=2, width=64, heads=2, head_dim=32, mlp=128)
+
+
+def sized(fields: dict, quick: bool) -> dict:
+    """``fields``, or with ``quick`` a 2-layer, 64-wide model of the same kind (small vocabulary and images)."""
+    if not quick:
+        return fields
+    small = {k: v for k, v in (("vocab_size", 1000), ("image_size", 32)) if k in fields}
+    return dict(fields, **QUICK, **small)
+
+
 def inputs(spec: Spec, batch: int, seq: int | None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if spec.input == "patches":
@@ -159,6 +170,8 @@ def main() -> int:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset of the exports (default: export_onnx's, {DEFAULT_OPSET})")
     parser.add_argument("--markdown", type=Path, help="also write the results as markdown here")
+    parser.add_argument("--quick", action="store_true", help="2-layer, 64-wide models of the same kinds (seconds; "
+                        "what the test runs): the figures check the script, not the engines")
     parser.add_argument("--vs-optimum", action="store_true", help="BERT-base-, GPT-2-small- and ViT-B-sized models "
                         "against optimum-onnx's exports (latency, int8, generation, export time)")
     parser.add_argument("--optimum-python", type=Path, default=OPTIMUM_PYTHON,
@@ -191,7 +204,7 @@ def main() -> int:
             ("BERT-base-sized (110M)", BERT, "hf-bert", [(1, 128)]),
             ("ViT-B-sized (86M)", VIT_BASE, "hf-vit", [(1, None)]),
         ):
-            m = model(fields, family)
+            m = model(sized(fields, args.quick), family)
             path = Path(tmp) / f"{family}.onnx"
             report = export_onnx(m, path, opset=args.opset)
             if not report.ok:
@@ -211,7 +224,7 @@ def main() -> int:
             del m
 
         torch.set_num_threads(max(args.threads))
-        vit_base = model(dict(VIT, width=768, heads=12, mlp=3072), "hf-vit")
+        vit_base = model(sized(VIT_BASE, args.quick), "hf-vit")
         path = Path(tmp) / "vit-base.onnx"
         start = time.perf_counter()
         report = export_onnx(vit_base, path, opset=args.opset)
@@ -241,7 +254,7 @@ def write_markdown(args, rows, exports, worst, verdict) -> None:
         "",
         "```",
         f"python benchmarks/onnx_latency.py --repeats {args.repeats} --threads {' '.join(map(str, args.threads))} "
-        f"--opset {args.opset} "
+        f"--opset {args.opset} " + ("--quick " if args.quick else "") +
         f"--markdown {args.markdown}",
         "```",
         "",
