@@ -80,3 +80,19 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
         assert float(cells[6]) > 0 and float(cells[8].split()[0]) > 0
     assert "ONNX export validated with onnxruntime" in text and ": valid" in text
     assert "Whole check:" in text and "valid" in out
+
+
+def test_fit_memory_quick_accounts_for_the_operator_and_its_optimizer(tmp_path):
+    """fit_memory.py's breakdown of the live tensors at a streamed step's peak: the operator is there as
+    PARAMETER, AdamW's two moments as twice its bytes, the frozen source as INPUT."""
+    raw = tmp_path / "fit_memory.json"
+    out = run(str(ROOT / "benchmarks" / "fit_memory.py"), "--quick", "--json", str(raw), cwd=tmp_path).stdout
+    assert "| import torch |" in out and "| + torch._dynamo |" in out and "| OPTIMIZER_STATE |" in out
+    data = json.loads(raw.read_text())
+    cats, mb = data["by_category_mb"], 2**20
+    assert math.isclose(sum(cats.values()), data["peak_tensors_mb"], rel_tol=1e-6)
+    operator_mb = data["operator_parameters"] * 4 / mb
+    assert math.isclose(cats["PARAMETER"], operator_mb, rel_tol=0.02)
+    assert math.isclose(cats["OPTIMIZER_STATE"], 2 * operator_mb, rel_tol=0.02)
+    assert cats["INPUT"] >= data["source_parameters"] * 4 / mb * 0.98
+    assert data["runtime_mb"]["+ torch._dynamo"] > data["runtime_mb"]["import torch"] > 50
