@@ -15,7 +15,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -222,10 +222,34 @@ def _read_header(path: Path) -> dict[str, dict]:
 
 
 class PlannedTensor:
-    """A tensor to write: its key, shape and dtype known up front, its data made only when written."""
+    """A tensor to write: its key, shape and dtype known up front, its data made only when written: whole by
+    ``make()``, or by ``pieces()`` as consecutive blocks of its rows (dim 0), so that a stacked tensor (a per-layer
+    operator's matrices) is never formed."""
 
-    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, make: Callable[[], torch.Tensor]):
-        self.key, self.shape, self.dtype, self.make = key, tuple(shape), dtype, make
+    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, make: Callable[[], torch.Tensor] | None = None,
+                 pieces: Callable[[], Iterable[torch.Tensor]] | None = None):
+        if (make is None) == (pieces is None):
+            raise ValueError("a PlannedTensor takes make or pieces, one of them")
+        self.key, self.shape, self.dtype, self.make, self.pieces = key, tuple(shape), dtype, make, pieces
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        """The data in writing order, checked against the plan: the whole tensor, or its row blocks."""
+        if self.make is not None:
+            data = self.make()
+            if tuple(data.shape) != self.shape or data.dtype != self.dtype:
+                raise AssertionError(f"{self.key}: planned {self.shape} {self.dtype}, made {tuple(data.shape)} "
+                                     f"{data.dtype}")
+            yield data
+            return
+        rows = 0
+        for block in self.pieces():
+            if tuple(block.shape[1:]) != self.shape[1:] or block.dtype != self.dtype:
+                raise AssertionError(f"{self.key}: planned rows of {self.shape[1:]} {self.dtype}, made "
+                                     f"{tuple(block.shape)} {block.dtype}")
+            rows += block.shape[0]
+            yield block
+        if rows != self.shape[0]:
+            raise AssertionError(f"{self.key}: planned {self.shape[0]} rows, made {rows}")
 
     @property
     def nbytes(self) -> int:
@@ -242,8 +266,8 @@ _WRITE_CHUNK = 1 << 20
 
 def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict | None = None,
                       progress: Callable[[int], None] | None = None) -> None:
-    """Stream tensors into one safetensors file, holding only one tensor in memory at a time; ``progress(1)``
-    after each tensor."""
+    """Stream tensors into one safetensors file, holding only one tensor (or one block of a tensor's rows) in memory
+    at a time; ``progress(1)`` after each tensor."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     ordered = sorted(tensors, key=lambda t: t.key)
@@ -257,13 +281,11 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: dict |
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in ordered:
-            data = t.make()
-            if tuple(data.shape) != t.shape or data.dtype != t.dtype:
-                raise AssertionError(f"{t.key}: planned {t.shape} {t.dtype}, made {tuple(data.shape)} {data.dtype}")
-            data = data.detach().cpu().contiguous()
-            raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
-            for start in range(0, len(raw), _WRITE_CHUNK):
-                f.write(raw[start:start + _WRITE_CHUNK])
+            for data in t.blocks():
+                data = data.detach().cpu().contiguous()
+                raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+                for start in range(0, len(raw), _WRITE_CHUNK):
+                    f.write(raw[start:start + _WRITE_CHUNK])
             if progress:
                 progress(1)
 

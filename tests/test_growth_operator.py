@@ -207,3 +207,89 @@ def test_learn_width_only_keeps_depth_fixed():
     trainable = {n.split(".")[-1] for n, p in op.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("width") for n in trainable)
     assert op.depth("q.weight") is not None and not op.depth("q.weight").requires_grad
+
+
+def test_per_layer_operator_saves_and_loads_layer_by_layer(tmp_path):
+    """A per-layer operator round-trips exactly; the file holds each kind stacked (L2, D2, D1), as safetensors reads
+    it; a non-finite value in one layer's matrix is refused before anything is set."""
+    from safetensors.torch import load_file, save_file
+
+    target = grown(GQA, layers=3, width=12, heads=6, kv_heads=3, mlp=18)
+    small = init_weights(GQA)
+    op = LigoOperator(GQA, target, small)
+    op.initialize(seed=3)
+    with torch.no_grad():
+        for p in op.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    op.save(tmp_path / "op.safetensors", {"steps": 2})
+    stored = load_file(str(tmp_path / "op.safetensors"))
+    mine = op.named_operator_tensors()
+    assert set(stored) == set(mine) and all(torch.equal(stored[k], v) for k, v in mine.items())
+    assert any(v.dim() == 3 and v.shape[0] == target.layers for v in stored.values())  # per-layer kinds stacked
+    again = LigoOperator(GQA, target, small)
+    assert again.load(tmp_path / "op.safetensors")["steps"] == 2
+    assert all(torch.equal(v, again.named_operator_tensors()[k]) for k, v in mine.items())
+    # one layer's matrix broken: refused, and the operator it was loading into keeps its values
+    name = next(k for k, v in stored.items() if v.dim() == 3)
+    stored[name][-1, 0, 0] = float("nan")
+    meta = {"ligo_convert": __import__("safetensors").safe_open(str(tmp_path / "op.safetensors"), "pt").metadata()[
+        "ligo_convert"]}
+    save_file(stored, str(tmp_path / "bad.safetensors"), metadata=meta)
+    fresh = LigoOperator(GQA, target, small)
+    before = {k: v.clone() for k, v in fresh.named_operator_tensors().items()}
+    with pytest.raises(LigoError, match=f"operator tensor {name} has NaN"):
+        fresh.load(tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, fresh.named_operator_tensors()[k]) for k, v in before.items())
+
+
+def test_counting_saving_and_loading_a_per_layer_operator_never_stack_it(tmp_path, monkeypatch):
+    """The per-layer operator is the size of the grown model's layers: counting its parameters, saving it and loading
+    it handle one layer's matrix at a time, never the stacked (L2, D2, D1) kinds (which are most of the operator)."""
+    target = grown(GQA, layers=4, width=16, heads=8, kv_heads=4, mlp=24)
+    small = init_weights(GQA)
+    op = LigoOperator(GQA, target, small)
+    layer_matrix = max(p.numel() for p in op.layer_ops[0].parameters())
+    largest = []
+    stack = torch.stack
+
+    def spy(tensors, *args, **kwargs):
+        out = stack(tensors, *args, **kwargs)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "stack", spy)
+    assert op.operator_parameter_count() == sum(v.numel() for v in op.named_operator_tensors().values())
+    assert max(largest) > layer_matrix  # the spy sees the stacks named_operator_tensors makes
+    largest.clear()
+    op.operator_parameter_count()
+    op.save(tmp_path / "op.safetensors")
+    LigoOperator(GQA, target, small).load(tmp_path / "op.safetensors")
+    assert max(largest, default=0) <= layer_matrix  # nothing stacked across layers
+
+
+def test_saving_a_per_layer_operator_adds_no_copy_of_it_to_peak_memory(tmp_path):
+    """Peak RSS while counting and saving a ~200 MB per-layer operator rises by at most a fifth of it (before:
+    counting stacked a whole copy, saving two)."""
+    from pathlib import Path
+
+    status, reset = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    if not status.exists():
+        pytest.skip("needs Linux's /proc")
+
+    def kb(field: str) -> int:
+        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
+
+    source = GQA.replace(layers=2, width=64, heads=4, head_dim=16, kv_heads=2, mlp=1024)
+    target = source.replace(layers=12, width=512, heads=32, kv_heads=16, mlp=4096)
+    op = LigoOperator(source, target, init_weights(source))
+    op_kb = op.operator_parameter_count() * 4 / 1024
+    assert op_kb > 150 * 1024
+    for call in (op.operator_parameter_count, lambda: op.save(tmp_path / "op.safetensors")):
+        try:
+            reset.write_text("5")  # the peak counter (VmHWM) starts again from the current RSS
+        except OSError:
+            pytest.skip("the peak-RSS counter cannot be reset here")
+        start = kb("VmRSS:")
+        call()
+        assert kb("VmHWM:") - start < op_kb / 5, call

@@ -26,7 +26,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -256,8 +256,25 @@ class LigoOperator(torch.nn.Module):
                 groups.append({"params": params, "lr": lr / self.source.layers, "name": f"depth.{module}"})
         return groups
 
+    def operator_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of :meth:`named_operator_tensors`, by the same names, without making any (the
+        stacked per-layer matrices are the size of the operator)."""
+        out = {}
+        for kind, shape in self.width_kinds.items():
+            if kind not in self.tied:
+                out[f"width.{kind}"] = (self.target.layers, *shape) if self._per_layer(kind) else shape
+        if self.depth_grows:
+            for module in self.module_types:
+                out[f"depth.{module}"] = (self.target.layers, self.source.layers)
+        return out
+
     def operator_parameter_count(self) -> int:
-        return sum(t.numel() for t in self.named_operator_tensors().values())
+        return sum(math.prod(shape) for shape in self.operator_shapes().values())
+
+    def operator_tensor(self, name: str) -> Tensor:
+        """One tensor of :meth:`named_operator_tensors` (``width.q``, ``depth.fc1.weight``), made alone."""
+        part, what = name.split(".", 1)
+        return self.width(what) if part == "width" else self.depth(what)
 
     # -- initialisation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -434,24 +451,39 @@ class LigoOperator(torch.nn.Module):
                 "shared_width": self.shared_width, "learn": self.learn}
 
     def save(self, path, extra: dict | None = None) -> Path:
-        """Write the operator's tensors to a safetensors file; the specs and options go in its metadata."""
-        from safetensors.torch import save_file
+        """Write the operator's tensors to a safetensors file, one stacked tensor at a time (the whole operator is
+        never copied); the specs and options go in its metadata."""
+        from ..checkpoint import PlannedTensor, write_safetensors
 
         path = Path(path)
         meta = {**self.describe(), **(extra or {})}
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.named_operator_tensors().items()}
+        planned = [PlannedTensor(name, shape, torch.float32, pieces=functools.partial(self._saved, name))
+                   for name, shape in self.operator_shapes().items()]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
-        save_file(tensors, str(tmp), metadata={"ligo_convert": json.dumps(meta, sort_keys=True)})
+        write_safetensors(tmp, planned, metadata={"ligo_convert": json.dumps(meta, sort_keys=True)})
         tmp.replace(path)
         return path
 
     @torch.no_grad()
+    def _saved(self, name: str) -> Iterator[Tensor]:
+        """``name``'s data as :meth:`save` writes it: a per-layer width kind one layer's matrix at a time (the
+        stacked tensor's rows, in order), anything else whole."""
+        part, what = name.split(".", 1)
+        if part == "width" and self._per_layer(what):
+            key = self._key("width", what)
+            for layer_op in self.layer_ops:
+                yield getattr(layer_op, key).detach().float().cpu().unsqueeze(0)
+        else:
+            yield self.operator_tensor(name).detach().float().cpu()
+
+    @torch.no_grad()
     def load(self, path) -> dict:
-        """Set the operator from a file ``save`` wrote, checking it was made for these two specs.  Returns its
-        metadata."""
+        """Set the operator from a file ``save`` wrote, checking it was made for these two specs and that every
+        tensor fits before setting any.  Reads one tensor at a time (twice: checked, then set), so a large operator
+        is never held twice.  Returns its metadata."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
+        from safetensors.torch import safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -459,9 +491,19 @@ class LigoOperator(torch.nn.Module):
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("ligo_convert", "null"))
-            tensors = load_file(str(path))
+                self._check_metadata(path, meta)
+                names = self._checked_names(path, f)
+                for name in names:
+                    for _, value in self._stored_pieces(f, name):
+                        self._check_tensor(path, name, value)
+                for name in names:
+                    for owner, value in self._stored_pieces(f, name):
+                        self._set_piece(name, owner, value)
         except (SafetensorError, json.JSONDecodeError, OSError) as e:
             raise LigoError(f"{path}: not an operator file written by ligo-convert ({e})") from None
+        return meta
+
+    def _check_metadata(self, path: Path, meta) -> None:
         if not isinstance(meta, dict) or "source_spec" not in meta:
             raise LigoError(f"{path}: not an operator file written by ligo-convert (no ligo_convert metadata)")
         fix = "fit a new one with --save-operator"
@@ -476,21 +518,42 @@ class LigoOperator(torch.nn.Module):
         if bool(meta.get("shared_width")) != self.shared_width:
             raise LigoError(f"{path}: the operator was made with shared_width={meta.get('shared_width')}; pass the "
                             f"same width variant")
-        mine = self.named_operator_tensors()
-        if set(tensors) != set(mine):
-            raise LigoError(f"{path}: operator tensors {sorted(set(tensors) ^ set(mine))[:3]} do not match; fit a "
+
+    def _checked_names(self, path: Path, f) -> list[str]:
+        """The file's tensor names, checked against this operator's names and shapes (from the header alone)."""
+        mine, names = self.operator_shapes(), list(f.keys())
+        if set(names) != set(mine):
+            raise LigoError(f"{path}: operator tensors {sorted(set(names) ^ set(mine))[:3]} do not match; fit a "
                             f"new one")
-        for name, value in tensors.items():
-            if tuple(value.shape) != tuple(mine[name].shape):
-                raise LigoError(f"{path}: operator tensor {name} has shape {tuple(value.shape)}, expected "
-                                f"{tuple(mine[name].shape)}")
-            if not value.is_floating_point() or not torch.isfinite(value).all():
-                raise LigoError(f"{path}: operator tensor {name} has NaN or infinite values (or is not floating "
-                                f"point); {fix}")
-        for name, value in tensors.items():
-            part, what = name.split(".", 1)
+        for name in names:
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(mine[name]):
+                raise LigoError(f"{path}: operator tensor {name} has shape {shape}, expected {tuple(mine[name])}")
+        return names
+
+    def _stored_pieces(self, f, name: str) -> Iterator[tuple[torch.nn.Module | None, Tensor]]:
+        """A saved tensor as (owner, value) pieces: a per-layer width kind one layer's matrix at a time (read as a
+        slice of the file), anything else whole (owner None)."""
+        part, what = name.split(".", 1)
+        if part == "width" and self._per_layer(what):
+            stored = f.get_slice(name)
+            for i, layer_op in enumerate(self.layer_ops):
+                yield layer_op, stored[i:i + 1][0]
+        else:
+            yield None, f.get_tensor(name)
+
+    def _set_piece(self, name: str, owner: torch.nn.Module | None, value: Tensor) -> None:
+        part, what = name.split(".", 1)
+        if owner is not None:
+            getattr(owner, self._key("width", what)).copy_(value)
+        else:
             (self.set_width if part == "width" else self.set_depth)(what, value)
-        return meta
+
+    @staticmethod
+    def _check_tensor(path: Path, name: str, value: Tensor) -> None:
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise LigoError(f"{path}: operator tensor {name} has NaN or infinite values (or is not floating "
+                            f"point); fit a new one with --save-operator")
 
 
 class StepFactors:
