@@ -451,8 +451,8 @@ class LigoOperator(torch.nn.Module):
                 "shared_width": self.shared_width, "learn": self.learn}
 
     def save(self, path, extra: dict | None = None) -> Path:
-        """Write the operator's tensors to a safetensors file, one stacked tensor at a time (the whole operator is
-        never copied); the specs and options go in its metadata."""
+        """Write the operator's tensors to a safetensors file as they are made, a per-layer kind a layer's matrix at
+        a time (no copy of the whole operator); the specs and options go in its metadata."""
         from ..checkpoint import PlannedTensor, write_safetensors
 
         path = Path(path)
