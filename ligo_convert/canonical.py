@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections.abc
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -270,6 +271,11 @@ def planned_files(model: CanonicalModel, family: str | None = None, dtype: torch
     return planned, config, extra_files
 
 
+# A grown tensor whose rows can be made apart (a vocabulary table, W_src[i:j] B^T) is written in blocks of rows of
+# about this many fp32 bytes: writing never holds the whole (vocab x width) table (1.5 GB fp32 for a 128k x 3072
+# target).  Blocks of thousands of rows give the same bytes as the whole product on the CPU.
+WRITE_BLOCK_BYTES = 32 * 2**20
+
 CONVERSION_FILE = "conversion.json"  # what a conversion changed beyond the layout (a norm epsilon) and its effect
 
 
@@ -322,11 +328,7 @@ def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
     # tensors read lazily were checked as they were read; tensors made in memory (growth) are checked here
     checked = isinstance(model.tensors, LazyTensors) and model.tensors.check_finite
 
-    def make():
-        from .descriptors import to_disk
-
-        parts = [to_disk(model.tensors[name], loc.transform) for name, loc in entries]
-        t = first.fuse(parts) if first.fused else parts[0]
+    def ready(t: torch.Tensor) -> torch.Tensor:
         if not checked and not all_finite(t):
             raise LigoError(f"tensor {key} ({', '.join(n for n, _ in entries)}) has NaN or infinite values; "
                             f"nothing was written")
@@ -337,6 +339,17 @@ def _plan(model: CanonicalModel, key: str, entries, dtype) -> PlannedTensor:
                                 f"nothing was written — choose bfloat16 or float32")
         return t
 
+    def make():
+        from .descriptors import to_disk
+
+        parts = [to_disk(model.tensors[name], loc.transform) for name, loc in entries]
+        return ready(first.fuse(parts) if first.fused else parts[0])
+
+    if hasattr(model.tensors, "row_blocks") and len(entries) == 1 and entries[0][1].transform is None and shape:
+        # a grown tensor whose rows can be made a block at a time (a vocabulary table): never formed whole
+        rows = max(1, WRITE_BLOCK_BYTES // max(1, math.prod(shape[1:]) * 4))
+        return PlannedTensor(key, tuple(shape), out_dtype, pieces=lambda: (
+            ready(block) for block in model.tensors.row_blocks(entries[0][0], rows)))
     return PlannedTensor(key, tuple(shape), out_dtype, make)
 
 

@@ -396,6 +396,31 @@ def test_writing_reads_one_tensor_at_a_time(tmp_path, gpt2_source, monkeypatch):
     assert calls == []
 
 
+def test_a_grown_vocabulary_table_is_written_a_block_of_rows_at_a_time(tmp_path, gpt2_source, monkeypatch):
+    """The (vocab x width) table is written as ``W_src[i:j] B^T`` blocks, never made whole, and the files equal those
+    written with the table in one block (byte for byte here; every other tensor always)."""
+    from ligo_convert import canonical
+    from ligo_convert.growth.operator import GrownTensors
+    from helpers import read_all
+
+    def run(out):
+        grow(gpt2_source, layers=3, width=32, steps=2, batch_size=4, seq_len=16, eval_batches=1, out=out,
+             device="cpu")
+
+    run(tmp_path / "one-block")  # 40 rows of 32 fp32: one block at the default size
+    made_whole, blocks = [], []
+    original_get, original_blocks = GrownTensors.__getitem__, LigoOperator.tensor_blocks
+    monkeypatch.setattr(GrownTensors, "__getitem__", lambda self, name: (made_whole.append(name),
+                                                                         original_get(self, name))[1])
+    monkeypatch.setattr(LigoOperator, "tensor_blocks", lambda self, name, rows: (blocks.append((name, rows)) or
+                                                                                 original_blocks(self, name, rows)))
+    monkeypatch.setattr(canonical, "WRITE_BLOCK_BYTES", 32 * 4 * 16)  # 16 rows a block: 3 blocks of the 40
+    run(tmp_path / "blocks")
+    assert ("embed.tokens", 16) in blocks and "embed.tokens" not in made_whole
+    assert_same_files(tmp_path / "one-block", tmp_path / "blocks")
+    assert read_all(tmp_path / "blocks")["transformer.wte.weight"].shape == (40, 32)
+
+
 @pytest.mark.parametrize("family,spec", SPECS, ids=[name for name, _ in SPECS])
 def test_validation_makes_each_layer_once_and_gives_the_materialised_loss(family, spec, monkeypatch):
     from ligo_convert.growth.fit import evaluate_loss

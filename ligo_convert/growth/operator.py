@@ -419,6 +419,22 @@ class LigoOperator(torch.nn.Module):
             return expand(self._source(name), [self._matrix(space_kind(t), None) for t in CANONICAL[name]])
         return self.layer_ops[layer](lambda own: {name: self._layer_tensor(layer, module_of(name), own)})[name]
 
+    def tensor_blocks(self, name: str, rows: int) -> Iterator[Tensor]:
+        """One canonical tensor of the target as consecutive blocks of at most ``rows`` rows, where its first axis
+        does not grow (a vocabulary table: ``W_src[i:j] B^T``, the same values as the whole table): writing it then
+        never forms the (vocab x width) table.  Any other tensor comes whole.  No gradients."""
+        mats = [self._matrix(space_kind(t), None) for t in CANONICAL[name]] if pattern_of(name)[1] is None else []
+        if len(mats) == 2 and mats[0] is None and mats[1] is not None:
+            table = self._source(name)
+            for start in range(0, table.shape[0], rows):
+                with torch.no_grad():
+                    block = expand(table[start:start + rows], mats)
+                yield block
+        else:
+            with torch.no_grad():
+                whole = self.tensor(name)
+            yield whole
+
     def forward(self) -> dict[str, Tensor]:
         """Every canonical weight of the target (fp32, on the operator's device)."""
         out = self.global_weights()
@@ -583,6 +599,14 @@ class GrownTensors(collections.abc.Mapping):
         with torch.no_grad():
             t = self.operator.tensor(name).detach().float().cpu()
         return t.to(self.dtype) if self.dtype is not None else t
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[Tensor]:
+        """``self[name]`` as consecutive blocks of at most ``rows`` rows (``LigoOperator.tensor_blocks``)."""
+        if name not in self.names:
+            raise KeyError(name)
+        for block in self.operator.tensor_blocks(name, rows):
+            block = block.detach().float().cpu()
+            yield block.to(self.dtype) if self.dtype is not None else block
 
     def __iter__(self):
         return iter(self.names)
