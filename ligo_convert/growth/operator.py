@@ -228,15 +228,9 @@ class LigoOperator(torch.nn.Module):
             getattr(layer_op, self._key("depth", module)).copy_(row)
 
     def named_operator_tensors(self) -> dict[str, Tensor]:
-        """Every operator tensor (learned or fixed) by a readable name: ``width.q``, ``depth.fc1.weight``."""
-        out = {}
-        for kind in self.width_kinds:
-            if kind not in self.tied:
-                out[f"width.{kind}"] = self.width(kind)
-        if self.depth_grows:
-            for module in self.module_types:
-                out[f"depth.{module}"] = self.depth(module)
-        return out
+        """Every operator tensor (learned or fixed) by a readable name: ``width.q``, ``depth.fc1.weight``; the
+        per-layer kinds stacked (L2, D2, D1), so this is a copy the size of the operator (see ``operator_shapes``)."""
+        return {name: self.operator_tensor(name) for name in self.operator_shapes()}
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer groups with learning rates relative to each tensor's natural entry size: a width matrix's new
@@ -276,6 +270,12 @@ class LigoOperator(torch.nn.Module):
         part, what = name.split(".", 1)
         return self.width(what) if part == "width" else self.depth(what)
 
+    def _layered_key(self, name: str) -> str | None:
+        """For an operator tensor stored stacked over the target layers (a per-layer width kind), the key of its
+        matrix in each ``LayerOperator``; None for the others (kept whole)."""
+        part, what = name.split(".", 1)
+        return self._key("width", what) if part == "width" and self._per_layer(what) else None
+
     # -- initialisation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, depth: str = "stack", width: str = "random", noise: float = inits.DEFAULT_NOISE,
@@ -304,14 +304,17 @@ class LigoOperator(torch.nn.Module):
         return list(self.layer_ops) if self._per_layer(kind) else [self]
 
     # -- application -------------------------------------------------------------------------------------------------
+    def _global_matrices(self, name: str) -> list[Tensor | None]:
+        """The width matrix of each axis of a global tensor (None where that axis does not grow)."""
+        return [self._matrix(space_kind(tag), None) for tag in CANONICAL[name]]
+
     def global_weights(self, factored: bool = False) -> dict[str, Tensor | Factored]:
         """The target's tensors outside the layers (embeddings, final norm, heads).  With ``factored``, a vocabulary
         table that grows only in width comes as :class:`Factored` (source table, B_emb): the forward then looks rows
         up and decodes without ever forming the (vocab x width) table."""
         out = {}
         for name in self.global_names:
-            tags = CANONICAL[name]
-            mats = [self._matrix(space_kind(tag), None) for tag in tags]
+            tags, mats = CANONICAL[name], self._global_matrices(name)
             if factored and tags[0] in FACTORED_SPACES and mats[0] is None and len(mats) == 2 and mats[1] is not None:
                 out[name] = Factored(self._source(name), mats[1])
             else:
@@ -416,14 +419,14 @@ class LigoOperator(torch.nn.Module):
         """One canonical tensor of the target."""
         pattern, layer = pattern_of(name)
         if layer is None:
-            return expand(self._source(name), [self._matrix(space_kind(t), None) for t in CANONICAL[name]])
+            return expand(self._source(name), self._global_matrices(name))
         return self.layer_ops[layer](lambda own: {name: self._layer_tensor(layer, module_of(name), own)})[name]
 
     def tensor_blocks(self, name: str, rows: int) -> Iterator[Tensor]:
         """One canonical tensor of the target as consecutive blocks of at most ``rows`` rows, where its first axis
         does not grow (a vocabulary table: ``W_src[i:j] B^T``, the same values as the whole table): writing it then
         never forms the (vocab x width) table.  Any other tensor comes whole.  No gradients."""
-        mats = [self._matrix(space_kind(t), None) for t in CANONICAL[name]] if pattern_of(name)[1] is None else []
+        mats = self._global_matrices(name) if pattern_of(name)[1] is None else []
         if len(mats) == 2 and mats[0] is None and mats[1] is not None:
             table = self._source(name)
             for start in range(0, table.shape[0], rows):
@@ -485,13 +488,12 @@ class LigoOperator(torch.nn.Module):
     def _saved(self, name: str) -> Iterator[Tensor]:
         """``name``'s data as :meth:`save` writes it: a per-layer width kind one layer's matrix at a time (the
         stacked tensor's rows, in order), anything else whole."""
-        part, what = name.split(".", 1)
-        if part == "width" and self._per_layer(what):
-            key = self._key("width", what)
-            for layer_op in self.layer_ops:
-                yield getattr(layer_op, key).detach().float().cpu().unsqueeze(0)
-        else:
+        key = self._layered_key(name)
+        if key is None:
             yield self.operator_tensor(name).detach().float().cpu()
+            return
+        for layer_op in self.layer_ops:
+            yield getattr(layer_op, key).detach().float().cpu().unsqueeze(0)
 
     @torch.no_grad()
     def load(self, path) -> dict:
@@ -513,8 +515,8 @@ class LigoOperator(torch.nn.Module):
                     for _, value in self._stored_pieces(f, name):
                         self._check_tensor(path, name, value)
                 for name in names:
-                    for owner, value in self._stored_pieces(f, name):
-                        self._set_piece(name, owner, value)
+                    for destination, value in self._stored_pieces(f, name):
+                        self._set_piece(name, destination, value)
         except (SafetensorError, json.JSONDecodeError, OSError) as e:
             raise LigoError(f"{path}: not an operator file written by ligo-convert ({e})") from None
         return meta
@@ -547,23 +549,23 @@ class LigoOperator(torch.nn.Module):
                 raise LigoError(f"{path}: operator tensor {name} has shape {shape}, expected {tuple(mine[name])}")
         return names
 
-    def _stored_pieces(self, f, name: str) -> Iterator[tuple[torch.nn.Module | None, Tensor]]:
-        """A saved tensor as (owner, value) pieces: a per-layer width kind one layer's matrix at a time (read as a
-        slice of the file), anything else whole (owner None)."""
-        part, what = name.split(".", 1)
-        if part == "width" and self._per_layer(what):
-            stored = f.get_slice(name)
-            for i, layer_op in enumerate(self.layer_ops):
-                yield layer_op, stored[i:i + 1][0]
-        else:
+    def _stored_pieces(self, f, name: str) -> Iterator[tuple[Tensor | None, Tensor]]:
+        """A saved tensor as (destination, value) pieces: a per-layer width kind one layer's matrix at a time (read
+        as a slice of the file, destined for that layer's parameter), anything else whole (destination None)."""
+        key = self._layered_key(name)
+        if key is None:
             yield None, f.get_tensor(name)
+            return
+        stored = f.get_slice(name)
+        for i, layer_op in enumerate(self.layer_ops):
+            yield getattr(layer_op, key), stored[i:i + 1][0]
 
-    def _set_piece(self, name: str, owner: torch.nn.Module | None, value: Tensor) -> None:
+    def _set_piece(self, name: str, destination: Tensor | None, value: Tensor) -> None:
+        if destination is not None:
+            destination.copy_(value)
+            return
         part, what = name.split(".", 1)
-        if owner is not None:
-            getattr(owner, self._key("width", what)).copy_(value)
-        else:
-            (self.set_width if part == "width" else self.set_depth)(what, value)
+        (self.set_width if part == "width" else self.set_depth)(what, value)
 
     @staticmethod
     def _check_tensor(path: Path, name: str, value: Tensor) -> None:
