@@ -232,7 +232,7 @@ def test_eval_equals_transformers_loss_on_both_engines(tmp_path):
 
 def test_eval_of_the_bare_backbone_is_a_knn_probe_on_both_engines(tmp_path):
     """Dinov2Model has no head: eval classifies each held-out digit by its 5 nearest training digits' labels in the
-    pooled features, well above the chance of 0.1 on both engines, and both engines hand the probe the same
+    pooled features, far above the chance of 0.1 on both engines, and both engines hand the probe the same
     features.  Not the same accuracy: at random weights the pooled features of all digits are nearly alike (pairwise
     cosine above 0.9999), so which neighbours win a near tie is decided by fp32 rounding, and 3 to 5 of the 64
     predictions flip between the engines depending on the CPU."""
@@ -247,7 +247,7 @@ def test_eval_of_the_bare_backbone_is_a_knn_probe_on_both_engines(tmp_path):
     got = evaluate(tmp_path / "src", max_batches=4)
     onnx_run = evaluate(tmp_path / "src", engine="onnx", max_batches=4)
     assert got["memory"] == onnx_run["memory"] == 1024 and got["count"] == onnx_run["count"] == 64
-    assert got["accuracy"] > 0.2 and onnx_run["accuracy"] > 0.2, (got, onnx_run)
+    assert got["accuracy"] > 0.3 and onnx_run["accuracy"] > 0.3, (got, onnx_run)
     model = load(tmp_path / "src")
     assert ex.export_onnx(model, tmp_path / "model.onnx").ok
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
