@@ -108,6 +108,45 @@ def test_ligo_variants_change_the_recipe_and_count_their_fitting():
         assert len(run["curve"]) > 1 and all(point[3] == point[3] for point in run["curve"])  # finite, no NaN
 
 
+def test_ligo_levers_train_with_the_tuned_schedules_and_change_one_thing_each(tmp_path):
+    """savings_ligo_variants.py --schedules: scratch and LiGO train with the schedules a tuned savings run chose; a
+    third of the fitting steps costs a third (rounded) of the fitting FLOPs, a shorter horizon stops where its cosine
+    ends, and the tuning seed is run and reported beside the measured ones."""
+    tuned = ROOT / "benchmarks" / "results" / "savings-tuned" / "savings.json"
+    chosen = json.loads(tuned.read_text())["schedules"]["gpt2-stdlib"]["chosen"]
+    md = tmp_path / "levers.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "savings_ligo_variants.py"), "--quick",
+                           "--proxy", "gpt2-stdlib", "--seeds", "0", "--jobs", "1", "--schedules", str(tuned),
+                           "--markdown", str(md)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = md.read_text()
+    assert "| lever | seed 100 (tuning): FLOPs saved % | seeds 0: FLOPs saved % |" in text
+    for lever in ("scratch", "recipe", "fit x1/3", "horizon 0.85", "horizon 0.7", "horizon 0.5", "shared width",
+                  "interleave depth", "select width"):
+        assert sum(line.startswith(f"| {lever} |") for line in text.splitlines()) == 1, lever
+    assert text.count("**") == 2  # one choice of the tuning seed, in bold
+    runs = json.loads(md.with_suffix(".json").read_text())["runs"]
+    assert {r["seed"] for r in runs} == {0, 100}
+    run = {(r["variant"], r["seed"]): r for r in runs}
+    assert (run["scratch", 0]["lr"], run["scratch", 0]["warmup"]) == (chosen["scratch"]["lr"],
+                                                                      chosen["scratch"]["warmup"])
+    assert run["recipe", 0]["lr"] == run["horizon 0.5", 0]["lr"] == chosen["ligo"]["lr"]
+    steps = run["recipe", 0]["steps"]
+    assert run["horizon 0.5", 0]["curve"][-1][0] == run["horizon 0.5", 0]["steps"] == round(0.5 * steps) < steps
+    assert run["fit x1/3", 0]["extra_flops"] * 2 == run["recipe", 0]["extra_flops"] > 0  # 1 fitting step of 2
+
+
+def test_ligo_levers_refuse_a_proxy_the_tuned_run_did_not_tune(tmp_path):
+    untuned = tmp_path / "savings.json"
+    untuned.write_text(json.dumps({"schedules": {}, "knobs": {}, "settings": {"tune_seed": 100}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "savings_ligo_variants.py"), "--quick",
+                           "--proxy", "gpt2-stdlib", "--schedules", str(untuned), "--markdown",
+                           str(tmp_path / "x.md")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no tuned schedules for gpt2-stdlib" in proc.stderr
+    assert not (tmp_path / "x.md").exists()
+
+
 def _savings_module():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import savings as sv
